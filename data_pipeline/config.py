@@ -1,0 +1,106 @@
+"""Configuration of the data pipeline (the `data:` section).
+
+Ranges live in field metadata (ge/gt/le/lt), choices in ``Literal``, cross-field rules in
+``validate()``; ``launch/configio.py`` reads them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+# "field op number", e.g. "pwatermark < 0.5" or "aesthetic.score >= 5"; dots reach into nested json.
+JSON_FILTER_RE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|==|!=|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+
+
+def parse_json_filter(text: str) -> tuple[str, str, float]:
+    m = JSON_FILTER_RE.match(text)
+    if not m:
+        raise ValueError(f"json filter {text!r} is not of the form 'field OP number' "
+                         f"(OP one of < <= > >= == !=), e.g. 'pwatermark < 0.5'")
+    return m.group(1), m.group(2), float(m.group(3))
+
+
+@dataclass
+class SourceConfig:
+    """One data set of a weighted mix: its shard URLs and its share of the samples."""
+    urls: list[str] = field(default_factory=list)
+    weight: float = field(default=1.0, metadata={"gt": 0})
+
+    def validate(self) -> None:
+        if not self.urls:
+            raise ValueError("a source needs at least one url")
+
+
+@dataclass
+class DataConfig:
+    # WebDataset shard URLs: local paths, brace patterns ("shards/{00000..00099}.tar"), folders of
+    # .tar files or `pipe:` commands ("pipe:aws s3 cp s3://bucket/{000..099}.tar -").
+    urls: list[str] = field(default_factory=list)
+    # Several data sets mixed per sample by weight; use instead of `urls` (not both).
+    sources: list[SourceConfig] = field(default_factory=list)
+    val_urls: list[str] = field(default_factory=list)
+    image_size: int = field(default=256, metadata={"ge": 8})
+    num_workers: int = field(default=2, metadata={"ge": 0})
+    # "raw": images + captions, encoded online; "precomputed": latents + text embeddings from `ldm data precompute`.
+    kind: Literal["raw", "precomputed"] = "raw"
+
+    # --- reading ---
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])  # first present wins
+    caption_key: str = "txt"                # tar member holding the caption ("" to use only the json)
+    caption_json_field: str = "caption"     # fallback inside {key}.json ("" to disable)
+    allow_empty_caption: bool = False       # an empty caption counts as missing unless this is set
+
+    # --- training stream ---
+    # Resampled: every (rank, worker) draws shards with replacement from all shards, order a pure
+    # function of (seed, epoch, rank, worker). Otherwise each worker cycles through its own slice.
+    resampled: bool = True
+    # An epoch is a fixed number of batches on every rank (else DDP collectives deadlock on uneven
+    # shards). Give it per rank (batches_per_epoch) or globally (samples_per_epoch); neither: 1000 batches.
+    batches_per_epoch: Optional[int] = field(default=None, metadata={"ge": 1})
+    samples_per_epoch: Optional[int] = field(default=None, metadata={"ge": 1})
+    shuffle_buffer: int = field(default=1000, metadata={"ge": 0})   # raw samples per worker; 0: no shuffle
+
+    # --- transforms ---
+    crop: Literal["center", "random"] = "random"   # evaluation always crops at the center
+    flip_prob: float = field(default=0.5, metadata={"ge": 0, "le": 1})  # evaluation never flips
+    interpolation: Literal["bilinear", "bicubic", "lanczos", "box"] = "bicubic"
+    # Aspect-ratio buckets: sizes of about image_size**2 pixels, sides multiples of bucket_step, ratios up to
+    # bucket_max_ratio; each batch comes from one bucket.
+    aspect_buckets: bool = False
+    bucket_step: int = field(default=64, metadata={"ge": 8})
+    bucket_max_ratio: float = field(default=2.0, metadata={"ge": 1})
+
+    # --- filters on {key}.json (a filtered sample is not a fault) ---
+    min_original_size: int = field(default=0, metadata={"ge": 0})   # shorter side of original_width/height
+    max_aspect_ratio: float = field(default=0.0, metadata={"ge": 0})  # long/short side of the original; 0: off
+    json_filters: list[str] = field(default_factory=list)           # e.g. ["pwatermark < 0.5", "similarity >= 0.28"]
+
+    # --- faults ---
+    max_bad_fraction: float = field(default=0.2, metadata={"ge": 0, "le": 1})  # of raw samples; 1 disables
+    bad_fraction_min_samples: int = field(default=1000, metadata={"ge": 1})     # judge only after this many
+    fault_log_per_minute: int = field(default=10, metadata={"ge": 0})          # per process; 0: silent
+
+    # --- DataLoader ---
+    prefetch_factor: int = field(default=2, metadata={"ge": 1})
+    pin_memory: bool = False
+    multiprocessing_context: Literal["default", "fork", "spawn", "forkserver"] = "default"
+
+    def all_sources(self) -> list[SourceConfig]:
+        """The training mix: `sources`, or `urls` as a single source of weight 1."""
+        return list(self.sources) if self.sources else ([SourceConfig(urls=list(self.urls))] if self.urls else [])
+
+    def validate(self) -> None:
+        if self.urls and self.sources:
+            raise ValueError("set either urls or sources (a weighted mix), not both")
+        if self.batches_per_epoch is not None and self.samples_per_epoch is not None:
+            raise ValueError("set either batches_per_epoch (per rank) or samples_per_epoch (global), not both")
+        if not self.image_keys:
+            raise ValueError("image_keys must name at least one image extension")
+        if not self.caption_key and not self.caption_json_field:
+            raise ValueError("caption_key and caption_json_field are both empty: no caption source")
+        for text in self.json_filters:
+            parse_json_filter(text)
+        if self.aspect_buckets and self.image_size < self.bucket_step:
+            raise ValueError(f"aspect_buckets: image_size = {self.image_size} is smaller than "
+                             f"bucket_step = {self.bucket_step}")

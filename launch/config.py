@@ -1,0 +1,134 @@
+"""The resolved configuration of a run: one typed tree, loaded from YAML plus `key=value` overrides.
+
+Sections that configure models or data are defined beside that code; this file owns the
+runtime sections (train, optimizer, deepspeed, ema, logging, validation) and the root.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from autoencoder.config import AutoencoderConfig, AutoencoderLossConfig
+from data_pipeline.config import DataConfig
+from ldm.config import (ConditioningConfig, DenoiserConfig, LatentConfig, ObjectiveConfig,
+                        SamplingConfig, TextEncoderConfig)
+
+from .configio import ConfigError, apply_overrides, build_dataclass, read_yaml_tree
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = field(default=1000, metadata={"ge": 1})
+    seed: int = field(default=0, metadata={"ge": 0})
+    micro_batch_size: int = field(default=8, metadata={"ge": 1})     # per rank, per micro-step
+    grad_accum_steps: int = field(default=1, metadata={"ge": 1})
+    log_every: int = field(default=10, metadata={"ge": 1})
+    checkpoint_every: int = field(default=1000, metadata={"ge": 1})
+    keep_checkpoints: int = field(default=3, metadata={"ge": 1})
+    precision: Precision = "fp32"
+    grad_clip: float = field(default=1.0, metadata={"ge": 0})        # 0 disables clipping
+    activation_checkpointing: bool = False
+    compile: bool = False
+    max_consecutive_nonfinite: int = field(default=20, metadata={"ge": 1})
+    nonfinite_check: bool = True   # all-reduce a finiteness flag of the loss every micro-step
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = field(default=1e-4, metadata={"gt": 0})
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = field(default=1e-8, metadata={"gt": 0})
+    weight_decay: float = field(default=0.0, metadata={"ge": 0})
+    warmup_steps: int = field(default=0, metadata={"ge": 0})
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = field(default=0.0, metadata={"ge": 0, "le": 1})
+
+    def validate(self) -> None:
+        for b in self.betas:
+            if not 0 <= b < 1:
+                raise ValueError(f"betas = {list(self.betas)}: each must be in [0, 1)")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = field(default=0, metadata={"ge": 0, "le": 3})
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = field(default=50_000_000, metadata={"ge": 1})
+    allgather_bucket_size: int = field(default=50_000_000, metadata={"ge": 1})
+    stage3_prefetch_bucket_size: int = field(default=50_000_000, metadata={"ge": 0})
+    stage3_param_persistence_threshold: int = field(default=100_000, metadata={"ge": 0})
+    # Anything else DeepSpeed accepts, merged last into the generated DeepSpeed config.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    # "power": EDM2's power-function EMA, parameterised by its relative std (sigma_rel);
+    # "constant": fixed decay, warmed up as min(decay, (1 + n) / (10 + n)) when warmup is on.
+    kind: Literal["power", "constant"] = "power"
+    sigma_rel: float = field(default=0.05, metadata={"gt": 0, "lt": 0.28})
+    decay: float = field(default=0.9999, metadata={"ge": 0, "le": 1})
+    warmup: bool = True
+    start_step: int = field(default=0, metadata={"ge": 0})
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    wandb_project: str = "ldm"
+    wandb_entity: Optional[str] = None
+    wandb_run_name: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class ValidationConfig:
+    every: int = field(default=0, metadata={"ge": 0})          # 0: no validation loss
+    batches: int = field(default=2, metadata={"ge": 1})
+    sample_every: int = field(default=0, metadata={"ge": 0})   # 0: no sample / reconstruction grids
+    num_images: int = field(default=8, metadata={"ge": 1})
+
+
+@dataclass
+class Config:
+    stage: Literal["autoencoder", "diffusion"]
+    run_dir: str
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # stage one
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    # stage two
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    latents: LatentConfig = field(default_factory=LatentConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def validate(self) -> None:
+        if self.train.precision == "fp16" and self.stage == "autoencoder" and self.loss.disc_weight > 0:
+            pass  # allowed; DeepSpeed's loss scaler handles both engines
+        if not self.run_dir:
+            raise ValueError("run_dir must not be empty")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """YAML file (+ `inherit:` chain) + dotted overrides -> validated Config, before any compute."""
+    tree = read_yaml_tree(path) if path is not None else dict(base or {})
+    tree = apply_overrides(tree, list(overrides or []))
+    return build_dataclass(Config, tree)
+
+
+__all__ = ["Config", "ConfigError", "load_config", "TrainConfig", "OptimizerConfig", "DeepSpeedConfig",
+           "EMAConfig", "LoggingConfig", "ValidationConfig"]

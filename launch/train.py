@@ -1,0 +1,439 @@
+"""The one training loop, for both stages, over DeepSpeed.
+
+Per optimizer step: set the LR (a pure function of the step), run `grad_accum_steps` micro-batches
+through the stage, all-reduce a [non-finite loss, stop requested] flag pair each micro-batch, back
+-propagate through each engine that got a loss, step at the window's end, update the EMA only when
+the main engine's step was applied, then log / validate / preview / checkpoint as scheduled.
+
+A window with a non-finite loss on any rank is dropped on every rank: its gradients are discarded,
+no optimizer steps, the EMA is untouched, the step counter advances and `nonfinite_skipped` counts
+it. `max_consecutive_nonfinite` such steps in a row abort with EXIT_NONFINITE, leaving the last
+good checkpoint as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from . import dist as D
+from .checkpoint import CheckpointManager, Loaded, capture_rng, restore_rng, tag_for
+from .config import Config
+from .configio import config_hash, dump_yaml, flatten, to_plain
+from .ema import EMA
+from .engine import (build_engine, check_runtime_config, discard_gradients, grads_finite, lr_factor,
+                     set_lr)
+from .images import save_grid
+from .metrics import MetricsWriter, WandbLogger
+from .progress import TrainProgress
+from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag
+
+
+@dataclass
+class TrainResult:
+    status: str          # "completed" | "preempted" | "nonfinite"
+    step: int
+    exit_code: int
+
+
+class NonFiniteAbort(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class LogWindow:
+    """Sums of logged scalars since the last log step (saved in checkpoints, so a resumed run
+    logs the same means as an uninterrupted one)."""
+
+    def __init__(self, state: dict | None = None):
+        self.sums: dict[str, float] = dict((state or {}).get("sums", {}))
+        self.counts: dict[str, int] = dict((state or {}).get("counts", {}))
+        self.images = int((state or {}).get("images", 0))
+
+    def add(self, values: Mapping[str, Any]) -> None:
+        for k, v in values.items():
+            v = float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+    def state(self) -> dict:
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "images": self.images}
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+        self.images = 0
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: D.DistEnv, stage, train_data, val_data: Callable[[], Iterable] | None = None,
+                 eval_module_factory: Callable[[], torch.nn.Module] | None = None,
+                 log: Callable[[str], None] | None = None):
+        check_runtime_config(cfg)
+        self.cfg, self.env, self.stage = cfg, env, stage
+        self.train_data = train_data
+        self.val_data = val_data                      # a callable giving a fresh one-pass iterable
+        self.eval_module_factory = eval_module_factory
+        self.run_dir = Path(cfg.run_dir)
+        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
+
+    def log(self, msg: str) -> None:
+        if self.env.is_main:
+            self._log(f"[ldm] {msg}")
+
+    # ------------------------------------------------------------------ setup
+
+    def _write_run_files(self) -> None:
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "samples").mkdir(exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        D.barrier()
+
+    def _meta(self) -> dict:
+        return {"world_size": self.env.world_size, "zero_stage": self.cfg.deepspeed.zero_stage,
+                "config_hash": config_hash(self.cfg), "config": to_plain(self.cfg), "engines": list(self.engines),
+                "main_module": self.stage.main_module, "ema": self.ema is not None,
+                "precision": self.cfg.train.precision, "global_batch": self.global_batch,
+                "stage": self.cfg.stage}
+
+    def _rank_state(self, step: int) -> dict:
+        data_state = self.train_data.state_dict() if hasattr(self.train_data, "state_dict") else {}
+        return {"step": step, "rng": capture_rng(), "data_json": json.dumps(data_state),
+                "window": self.window.state(), "counters": dict(self.counters)}
+
+    def _resume(self, loaded_tag: str) -> int:
+        ckpt = self.ckpt
+        meta = ckpt.read_meta(loaded_tag)
+        step = int(meta["step"])
+        tag_dir = ckpt.root / loaded_tag
+        if meta["world_size"] != self.env.world_size:
+            from .universal import load_universal
+            self.log(f"resuming {loaded_tag} saved at world size {meta['world_size']} on {self.env.world_size} "
+                     f"ranks through a DeepSpeed universal checkpoint")
+            load_universal(self, tag_dir, meta)
+        else:
+            for name, engine in self.engines.items():
+                path, _ = engine.load_checkpoint(str(tag_dir), tag=name, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False, load_module_strict=True)
+                if path is None:
+                    raise RuntimeError(f"DeepSpeed could not load engine '{name}' from {tag_dir / name}; "
+                                       "refusing to start from scratch over an existing run")
+        if self.ema is not None:
+            self.ema.load(tag_dir / "ema", self.env.rank, self.env.world_size)
+        old_hash = meta.get("config_hash")
+        if old_hash and old_hash != config_hash(self.cfg):
+            old, new = flatten(meta.get("config", {})), flatten(to_plain(self.cfg))
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            self.log(f"note: config changed since {loaded_tag}: {', '.join(changed[:12])}")
+        rank_state = ckpt.load_rank_state(loaded_tag) if meta["world_size"] == self.env.world_size else None
+        if rank_state is not None:
+            restore_rng(rank_state["rng"])
+            data_state = json.loads(rank_state.get("data_json") or "{}")
+            if data_state and hasattr(self.train_data, "load_state_dict"):
+                self.train_data.load_state_dict(data_state)
+            self.window = LogWindow(rank_state.get("window"))
+            self.counters.update(rank_state.get("counters", {}))
+        else:
+            # Another world size: the documented rule is a fresh data stream and RNG keyed by
+            # (seed, resume step, rank); see launch/universal.py.
+            seed_everything(self.cfg.train.seed * 1_000_003 + step * 7919 + self.env.rank + 1)
+            if hasattr(self.train_data, "reseed"):
+                self.train_data.reseed(self.cfg.train.seed * 1_000_003 + step)
+        self.log(f"resumed from {loaded_tag} (step {step})")
+        return step
+
+    # ------------------------------------------------------------------ main
+
+    def run(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        self._write_run_files()
+        seed_everything(cfg.train.seed)                      # identical initial weights on every rank
+        modules = self.stage.trainable_modules()
+        if cfg.train.activation_checkpointing:
+            for m in modules.values():
+                if hasattr(m, "set_gradient_checkpointing"):
+                    m.set_gradient_checkpointing(True)
+        self.engines = {name: build_engine(m, self.stage.param_groups(name), cfg) for name, m in modules.items()}
+        if cfg.train.compile:
+            for e in self.engines.values():
+                e.compile()
+        self.main = self.engines[self.stage.main_module]
+        self.ema = EMA(self.main.module, cfg.ema) if cfg.ema.enabled else None
+        self.stage.setup(env.device)
+        self.ckpt = CheckpointManager(self.run_dir, env, cfg.train.keep_checkpoints)
+        self.window = LogWindow()
+        self.counters = {"nonfinite_skipped": 0, "consecutive_nonfinite": 0}
+
+        step = 0
+        tag = self.ckpt.find_resumable(self.log)
+        if tag is not None:
+            step = self._resume(tag)
+        else:
+            seed_everything(cfg.train.seed * 1_000_003 + env.rank + 1)  # per-rank noise / dropout streams
+        self.last_saved_step = step if tag is not None else -1
+
+        self.metrics = None
+        self.wandb = None
+        if env.is_main:
+            dropped = MetricsWriter.truncate_after(self.run_dir / "metrics.jsonl", step)
+            if dropped:
+                self.log(f"dropped {dropped} metrics records logged after step {step} (they will be re-logged)")
+            self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
+            if cfg.logging.wandb:
+                self.wandb = WandbLogger(self.run_dir, cfg.logging.wandb_project, cfg.logging.wandb_entity,
+                                         cfg.logging.wandb_run_name, to_plain(cfg))
+        stop = StopFlag().install()
+        progress = TrainProgress(enabled=env.is_main and cfg.logging.progress, start_step=step,
+                                 max_steps=cfg.train.max_steps, images_per_step=self.global_batch,
+                                 desc=f"train {cfg.stage}")
+        self._log_fn = progress.write if env.is_main else None
+        try:
+            status, step = self._loop(step, stop, progress)
+        except NonFiniteAbort as e:
+            progress.close()
+            self.log(str(e))
+            self._finish("nonfinite", self.step_reached)
+            return TrainResult("nonfinite", self.step_reached, EXIT_NONFINITE)
+        finally:
+            progress.close()
+            stop.restore()
+        self._finish(status, step)
+        return TrainResult(status, step, EXIT_OK if status == "completed" else EXIT_PREEMPTED)
+
+    def _finish(self, status: str, step: int) -> None:
+        D.barrier()
+        if self.env.is_main:
+            (self.run_dir / "result.json").write_text(json.dumps({"status": status, "step": step,
+                                                                 "time": time.time()}))
+            if self.metrics:
+                self.metrics.close()
+            if self.wandb:
+                self.wandb.finish()
+
+    def _loop(self, step: int, stop: StopFlag, progress: TrainProgress) -> tuple[str, int]:
+        cfg, env = self.cfg, self.env
+        gas = cfg.train.grad_accum_steps
+        autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
+                    else contextlib.nullcontext())
+        data_iter = iter(self.train_data)
+        t_window = time.time()
+        self.step_reached = step
+        status = "completed"
+        while step < cfg.train.max_steps:
+            factor = lr_factor(cfg.optimizer, step, cfg.train.max_steps)
+            lrs = {name: set_lr(e, factor) for name, e in self.engines.items()}
+            poisoned = False
+            backwarded: list[str] = []
+            stop_seen = False
+            for micro in range(gas):
+                boundary = micro == gas - 1
+                batch = to_device(next(data_iter), env.device)
+                losses: dict = {}
+                logs: dict = {}
+                if not poisoned:
+                    with autocast:
+                        losses, logs = self.stage.training_step(self.engines, batch, step)
+                    bad = any(not bool(torch.isfinite(l.detach()).all()) for l in losses.values())
+                else:
+                    bad = True
+                flags = D.all_reduce_max([float(bad) if cfg.train.nonfinite_check or poisoned else 0.0,
+                                          float(stop.requested)], env.device)
+                stop_seen = stop_seen or flags[1] > 0
+                if flags[0] > 0:
+                    poisoned = True
+                    continue
+                for name, loss in losses.items():
+                    engine = self.engines[name]
+                    engine.set_gradient_accumulation_boundary(boundary)
+                    engine.backward(loss)
+                    if name not in backwarded:
+                        backwarded.append(name)
+                    if not boundary:
+                        engine.step()
+                self.window.add({("loss" if n == self.stage.main_module else f"loss/{n}"): l
+                                 for n, l in losses.items()})
+                self.window.add(logs)
+            self.window.images += self.global_batch
+
+            applied = False
+            if poisoned:
+                for name in backwarded:
+                    discard_gradients(self.engines[name])
+            else:
+                for name in backwarded:
+                    engine = self.engines[name]
+                    if cfg.deepspeed.zero_stage == 0 and not grads_finite(engine):
+                        discard_gradients(engine)  # grads are all-reduced: every rank decides alike
+                        continue
+                    engine.step()
+                    if name == self.stage.main_module:
+                        applied = engine.was_step_applied()
+            if applied and self.ema is not None:
+                self.ema.update(step)
+            if poisoned or not applied:
+                self.counters["nonfinite_skipped"] += 1
+                self.counters["consecutive_nonfinite"] += 1
+                if self.counters["consecutive_nonfinite"] >= cfg.train.max_consecutive_nonfinite:
+                    self.step_reached = step
+                    raise NonFiniteAbort(
+                        f"aborting: {self.counters['consecutive_nonfinite']} consecutive steps with a non-finite "
+                        f"loss or gradient (up to step {step}); the last good checkpoint is untouched. "
+                        "Lower the learning rate, check the data, or raise train.max_consecutive_nonfinite.")
+            else:
+                self.counters["consecutive_nonfinite"] = 0
+            step += 1
+            self.step_reached = step
+            progress.update(step, loss=self.window.means().get("loss", float("nan")))
+
+            if step % cfg.train.log_every == 0:
+                self._log_step(step, lrs, time.time() - t_window)
+                t_window = time.time()
+            if cfg.validation.every and step % cfg.validation.every == 0:
+                self._validate(step)
+            if cfg.validation.sample_every and step % cfg.validation.sample_every == 0:
+                self._preview(step)
+            if stop_seen or step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+                self._save(step)
+            if stop_seen:
+                self.log(f"stopping at step {step} on request (checkpoint saved)")
+                status = "preempted"
+                break
+        return status, step
+
+    # ------------------------------------------------------------------ periodic work
+
+    def _save(self, step: int) -> None:
+        if step == self.last_saved_step:
+            return
+        self.ckpt.save(step, self.engines, self.ema, self._rank_state(step), self._meta())
+        self.last_saved_step = step
+        self.log(f"checkpoint {tag_for(step)} saved")
+
+    def _log_step(self, step: int, lrs: dict[str, float], elapsed: float) -> None:
+        means = D.all_reduce_mean(self.window.means(), self.env.device)
+        faults = {}
+        if hasattr(self.train_data, "fault_counts"):
+            faults = D.all_reduce_sum_counts(self.train_data.fault_counts())
+        record: dict[str, Any] = {"step": step, **means, "lr": lrs[self.stage.main_module],
+                                  "img_per_s": self.window.images / max(elapsed, 1e-9),
+                                  "samples_seen": step * self.global_batch,
+                                  "nonfinite_skipped": self.counters["nonfinite_skipped"]}
+        grad_norm = self.main.get_global_grad_norm()
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        for reason, count in faults.items():
+            record[f"data/bad/{reason}"] = count
+        if faults:
+            record["data/bad_total"] = sum(faults.values())
+        self.window.reset()
+        if self.env.is_main:
+            self.metrics.write(record)
+            if self.wandb:
+                self.wandb.log(record, step)
+
+    def _val_batches(self) -> Iterable:
+        return self.val_data() if self.val_data is not None else []
+
+    def _validate(self, step: int) -> None:
+        totals: dict[str, float] = {}
+        n = 0
+        with torch.random.fork_rng(devices=[]):
+            for i, batch in enumerate(self._val_batches()):
+                if i >= self.cfg.validation.batches:
+                    break
+                out = self.stage.validation_step(self.engines, to_device(batch, self.env.device),
+                                                 seed=self.cfg.train.seed + i)
+                for k, v in out.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                n += 1
+        if n == 0:
+            return
+        means = D.all_reduce_mean({f"val/{k}": v / n for k, v in totals.items()}, self.env.device)
+        if self.env.is_main:
+            self.metrics.write({"step": step, **means})
+            if self.wandb:
+                self.wandb.log(means, step)
+
+    def full_main_state(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+        """Full fp32 weights of the main module (EMA or live) plus its buffers. Collective."""
+        module = self.main.module
+        if use_ema and self.ema is not None:
+            weights = self.ema.full_state_dict()
+        elif any(hasattr(p, "ds_id") for p in module.parameters()):
+            import deepspeed
+
+            weights = {}
+            for name, p in module.named_parameters():
+                with deepspeed.zero.GatheredParameters([p]):
+                    weights[name] = p.detach().float().clone()
+        else:
+            weights = {n: p.detach().float().clone() for n, p in module.named_parameters()}
+        buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+        return {**weights, **buffers}
+
+    def _preview(self, step: int) -> None:
+        if self.eval_module_factory is None or self.val_data is None:
+            return
+        state = self.full_main_state(use_ema=True)   # collective under ZeRO-3
+        if self.env.is_main:
+            module = self.eval_module_factory()
+            missing, unexpected = module.load_state_dict(state, strict=False)
+            if unexpected:
+                raise RuntimeError(f"preview module does not match the trained one: unexpected {unexpected[:5]}")
+            module.to(self.env.device).eval()
+            batch = next(iter(self._val_batches()))
+            batch = {k: (v[: self.cfg.validation.num_images] if hasattr(v, "__getitem__") else v)
+                     for k, v in batch.items()}
+            with torch.random.fork_rng(devices=[]):
+                images = self.stage.preview(module, to_device(batch, self.env.device), seed=self.cfg.train.seed)
+            path = save_grid(images, self.run_dir / "samples" / f"step_{step:08d}.png")
+            if self.wandb:
+                self.wandb.log_image("samples", path, step)
+        D.barrier()
+
+    def close(self) -> None:
+        for engine in getattr(self, "engines", {}).values():
+            if hasattr(engine, "destroy"):
+                engine.destroy()
+        self.engines = {}
+
+
+def run_training(cfg: Config, build_stage: Callable[[Config], Any],
+                 build_data: Callable[[Config, D.DistEnv], tuple[Any, Callable[[], Iterable] | None]],
+                 eval_module_factory: Callable[[], torch.nn.Module] | None = None) -> TrainResult:
+    """Initialise the process group, build stage and data, train, tear everything down."""
+    check_runtime_config(cfg)
+    env = D.init_distributed()
+    trainer = None
+    try:
+        seed_everything(cfg.train.seed)          # same initial weights on every rank
+        stage = build_stage(cfg)
+        train_data, val_data = build_data(cfg, env)
+        trainer = Trainer(cfg, env, stage, train_data, val_data, eval_module_factory)
+        return trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        D.destroy()

@@ -1,0 +1,172 @@
+"""Configuration of the second stage (denoiser, text encoder, objective, conditioning, latents, sampling).
+
+Each dataclass is one YAML section; `launch/configio.py` builds them and checks ranges
+(field metadata), choices (`Literal`) and `validate()` rules, naming the dotted key on error.
+Rules that span sections (for example `conditioning.null: learned` needing
+`denoiser.learned_null_tokens > 0`) are checked when the stage is built (`ldm.training`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+QKNorm = Literal["none", "rms", "layer"]
+
+
+@dataclass
+class UNetConfig:
+    """SD-style UNet (LDM `openaimodel` topology, the same as diffusers' UNet2DConditionModel)."""
+    in_channels: int = field(default=4, metadata={"ge": 1})
+    out_channels: int = field(default=4, metadata={"ge": 1})
+    sample_size: int = field(default=64, metadata={"ge": 1})          # latent side; informs previews and export
+    model_channels: int = field(default=320, metadata={"ge": 1})
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = field(default=2, metadata={"ge": 1})
+    attention_levels: tuple[int, ...] = (0, 1, 2)   # levels (index into channel_mult) with transformer blocks
+    num_heads: int = field(default=8, metadata={"ge": 1})             # used when head_dim is null (SD1.x)
+    head_dim: Optional[int] = field(default=None, metadata={"ge": 1})  # heads = channels // head_dim (SD2.x)
+    transformer_depth: int = field(default=1, metadata={"ge": 1})
+    context_dim: int = field(default=768, metadata={"ge": 1})
+    linear_projection: bool = False     # proj_in/proj_out as Linear (SD2) instead of 1x1 conv (SD1)
+    norm_groups: int = field(default=32, metadata={"ge": 1})
+    dropout: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
+    qk_norm: QKNorm = "none"            # not in SD; makes the model non-convertible to diffusers
+    activation_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise ValueError(f"channel_mult = {list(self.channel_mult)}: needs at least one level, each >= 1")
+        bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.channel_mult)]
+        if bad:
+            raise ValueError(f"attention_levels = {list(self.attention_levels)}: levels must be in "
+                             f"[0, {len(self.channel_mult) - 1}]")
+        for m in self.channel_mult:
+            ch = self.model_channels * m
+            if ch % self.norm_groups:
+                raise ValueError(f"channels {ch} (model_channels * {m}) not divisible by norm_groups {self.norm_groups}")
+            if self.head_dim is not None and ch % self.head_dim:
+                raise ValueError(f"channels {ch} not divisible by head_dim {self.head_dim}")
+            if self.head_dim is None and ch % self.num_heads:
+                raise ValueError(f"channels {ch} not divisible by num_heads {self.num_heads}")
+
+
+@dataclass
+class DiTConfig:
+    """DiT over latent patches. Text form: PixArt-alpha (cross-attention, adaLN-single);
+    class form (num_classes > 0, cross_attention off, adaln zero, learn_sigma): the original DiT."""
+    input_size: int = field(default=32, metadata={"ge": 1})          # latent side
+    patch_size: Literal[1, 2, 4] = 2
+    in_channels: int = field(default=4, metadata={"ge": 1})
+    hidden_size: int = field(default=1152, metadata={"ge": 1})
+    depth: int = field(default=28, metadata={"ge": 1})
+    num_heads: int = field(default=16, metadata={"ge": 1})
+    mlp_ratio: float = field(default=4.0, metadata={"gt": 0})
+    context_dim: int = field(default=768, metadata={"ge": 1})        # text token width before caption projection
+    cross_attention: bool = True
+    caption_projection: bool = True     # MLP context_dim -> hidden (PixArt); off needs context_dim == hidden_size
+    adaln: Literal["single", "zero"] = "single"   # PixArt adaLN-single or DiT adaLN-Zero
+    qk_norm: QKNorm = "none"            # SD3-style normalisation of q and k per head
+    pos_embed: Literal["sincos", "learned"] = "sincos"
+    num_classes: int = field(default=0, metadata={"ge": 0})          # > 0: class-label embedding (DiT form)
+    learn_sigma: bool = False           # DiT's extra variance channels (kept for the class form's parameter count)
+    dropout: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
+    activation_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} not divisible by patch_size {self.patch_size}")
+        if self.cross_attention and not self.caption_projection and self.context_dim != self.hidden_size:
+            raise ValueError("caption_projection: false needs context_dim == hidden_size")
+        if self.hidden_size % 4 and self.pos_embed == "sincos":
+            raise ValueError("sincos pos_embed needs hidden_size divisible by 4")
+
+
+@dataclass
+class DenoiserConfig:
+    kind: Literal["unet", "dit"] = "unet"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    # Pooled text embedding (width of the text encoder's pooled output) added to the time embedding
+    # (SDXL / SD3 style); 0 disables it.
+    pooled_dim: int = field(default=0, metadata={"ge": 0})
+    # Rows of the learned null caption (PixArt-style) used when `conditioning.null: learned`; must equal the
+    # text length (open_clip context length, 77). 0: no learned null.
+    learned_null_tokens: int = field(default=0, metadata={"ge": 0})
+    # "xformers" is used only when xformers is installed and the tensors are on CUDA; otherwise SDPA.
+    attention_backend: Literal["sdpa", "xformers"] = "sdpa"
+
+
+@dataclass
+class TextEncoderConfig:
+    arch: str = "ViT-L-14"             # an open_clip model name (built-in, registered, or `local-dir:PATH`)
+    pretrained: Optional[str] = None   # an open_clip pretrained tag or a local checkpoint path; null: random init
+    layer: Literal["last", "penultimate"] = "last"   # penultimate gets the final LayerNorm too (SD2 practice)
+    model_config: Optional[str] = None  # extra open_clip model-config JSON file or folder to register first
+    cache_dir: Optional[str] = None    # where open_clip looks for / downloads tagged weights
+    context_length: Optional[int] = field(default=None, metadata={"ge": 2})  # override the tokenizer length
+
+
+@dataclass
+class ObjectiveConfig:
+    """Training objective. Time convention (see ldm/objectives.py): larger t is noisier; eps and v use a
+    discrete index t in {0..T-1} (fed as is), flow uses t in [0, 1] with t = 1 pure noise (fed as 1000 t)."""
+    kind: Literal["eps", "v", "flow"] = "eps"
+    # discrete (eps, v)
+    schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
+    num_timesteps: int = field(default=1000, metadata={"ge": 2})
+    beta_start: float = field(default=0.00085, metadata={"gt": 0, "lt": 1})
+    beta_end: float = field(default=0.012, metadata={"gt": 0, "lt": 1})
+    zero_terminal_snr: bool = False     # Lin et al. 2023 rescale; needs kind v (eps is undefined at SNR 0)
+    # flow
+    time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = field(default=1.0, metadata={"gt": 0})
+    shift: float = field(default=1.0, metadata={"gt": 0})     # SD3 time shift t' = s t / (1 + (s - 1) t)
+    # all kinds
+    min_snr_gamma: Optional[float] = field(default=None, metadata={"gt": 0})   # null: unweighted
+    offset_noise: float = field(default=0.0, metadata={"ge": 0})
+
+    def validate(self) -> None:
+        if self.beta_end <= self.beta_start:
+            raise ValueError(f"beta_end {self.beta_end} must exceed beta_start {self.beta_start}")
+        if self.zero_terminal_snr and self.kind != "v":
+            raise ValueError("zero_terminal_snr needs kind: v (eps prediction cannot recover data at SNR 0)")
+
+
+@dataclass
+class ConditioningConfig:
+    dropout_prob: float = field(default=0.1, metadata={"ge": 0, "le": 1})   # per sample, at train time only
+    null: Literal["empty", "learned"] = "empty"   # empty-prompt embedding, or the denoiser's learned null caption
+    use_text_mask: bool = True          # pass the padding mask to cross-attention (SD1/2 attend to all 77 tokens)
+
+
+@dataclass
+class LatentConfig:
+    source: Literal["online", "precomputed"] = "online"
+    autoencoder: Optional[str] = None   # export directory of a trained first stage
+    # latent = (z - shift_factor) * scaling_factor, z drawn from the posterior
+    scaling_factor: float = field(default=0.18215, metadata={"gt": 0})
+    shift_factor: float = 0.0
+    sample_posterior: bool = True       # false: use the posterior mean
+
+
+@dataclass
+class SamplingConfig:
+    sampler: Literal["ddpm", "ddim", "euler", "heun", "dpmpp_2m"] = "ddim"
+    steps: int = field(default=50, metadata={"ge": 1})
+    # Guided prediction = uncond + cfg_scale * (cond - uncond): 1 is unguided, 0 unconditional.
+    cfg_scale: float = field(default=5.0, metadata={"ge": 0})
+    eta: float = field(default=0.0, metadata={"ge": 0, "le": 1})     # DDIM noise (1 = ancestral)
+    spacing: Literal["leading", "trailing", "linspace"] = "trailing"  # discrete objectives only
+    # Apply guidance only for unit time u in [lo, hi] (u = 1 is the noise end); null: always.
+    guidance_interval: Optional[tuple[float, float]] = None
+    guidance_rescale: float = field(default=0.0, metadata={"ge": 0, "le": 1})   # Lin et al. phi
+    flow_shift: Optional[float] = field(default=None, metadata={"gt": 0})      # null: objective.shift
+
+    def validate(self) -> None:
+        if self.guidance_interval is not None:
+            lo, hi = self.guidance_interval
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"guidance_interval = {list(self.guidance_interval)}: need 0 <= lo <= hi <= 1")
