@@ -76,12 +76,14 @@ def set_lr(engine, factor: float) -> float:
     return groups[0]["lr"]
 
 
-def build_engine(module: nn.Module, groups: list[dict], cfg: Config):
+def build_engine(module: nn.Module, groups: list[dict], cfg: Config, load_universal: bool = False):
     import deepspeed
 
     optimizer = make_optimizer(groups, cfg.optimizer)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
-    # Our loop decides where accumulation windows end (it may drop a poisoned window).
+    ds_config = deepspeed_config(cfg)
+    if load_universal:
+        ds_config = deep_merge(ds_config, {"checkpoint": {"load_universal": True}})
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine
 
 

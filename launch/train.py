@@ -35,6 +35,7 @@ from .images import save_grid
 from .metrics import MetricsWriter, WandbLogger
 from .progress import TrainProgress
 from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag
+from .universal import load_universal, needs_universal
 
 
 @dataclass
@@ -129,7 +130,6 @@ class Trainer:
         step = int(meta["step"])
         tag_dir = ckpt.root / loaded_tag
         if meta["world_size"] != self.env.world_size:
-            from .universal import load_universal
             self.log(f"resuming {loaded_tag} saved at world size {meta['world_size']} on {self.env.world_size} "
                      f"ranks through a DeepSpeed universal checkpoint")
             load_universal(self, tag_dir, meta)
@@ -175,19 +175,23 @@ class Trainer:
             for m in modules.values():
                 if hasattr(m, "set_gradient_checkpointing"):
                     m.set_gradient_checkpointing(True)
-        self.engines = {name: build_engine(m, self.stage.param_groups(name), cfg) for name, m in modules.items()}
+        # Which checkpoint (if any) we resume decides how the engines are built: one written at
+        # another world size loads through DeepSpeed's universal format.
+        self.ckpt = CheckpointManager(self.run_dir, env, cfg.train.keep_checkpoints)
+        tag = self.ckpt.find_resumable(self.log)
+        universal = tag is not None and needs_universal(self.ckpt.read_meta(tag), env.world_size)
+        self.engines = {name: build_engine(m, self.stage.param_groups(name), cfg, load_universal=universal)
+                        for name, m in modules.items()}
         if cfg.train.compile:
             for e in self.engines.values():
                 e.compile()
         self.main = self.engines[self.stage.main_module]
         self.ema = EMA(self.main.module, cfg.ema) if cfg.ema.enabled else None
         self.stage.setup(env.device)
-        self.ckpt = CheckpointManager(self.run_dir, env, cfg.train.keep_checkpoints)
         self.window = LogWindow()
         self.counters = {"nonfinite_skipped": 0, "consecutive_nonfinite": 0}
 
         step = 0
-        tag = self.ckpt.find_resumable(self.log)
         if tag is not None:
             step = self._resume(tag)
         else:

@@ -151,3 +151,26 @@ def test_consecutive_nonfinite_aborts_and_keeps_checkpoint(tmp_path):
     # steps 3 and 4 were skipped, so the checkpoint at 4 holds step 2's weights; it is complete and named
     assert (run / "checkpoints" / "latest").read_text() == "step_00000004"
     assert (run / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_world_size_change_through_universal_checkpoint(tmp_path, zero):
+    """2 ranks -> 1 rank -> 2 ranks: weights and EMA load exactly, training continues, steps logged once."""
+    run = tmp_path / "run"
+    args = [*BASE, "train.checkpoint_every=3", f"deepspeed.zero_stage={zero}"]
+    H.assert_ok(H.run([str(run), *args, "train.max_steps=6"], nproc=2))
+    saved = {kind: weights(run, kind) for kind in ("live", "ema")}
+    loaded = H.run([str(run), *args, "train.max_steps=6"], nproc=1)   # load only: no step left to take
+    H.assert_ok(loaded)
+    assert "through a DeepSpeed universal checkpoint" in loaded.stderr
+    for kind in ("live", "ema"):
+        now = weights(run, kind)
+        assert all(torch.equal(saved[kind][k], now[k]) for k in now), f"{kind} weights survive 2 -> 1"
+    assert (run / "checkpoints" / "latest_universal").read_text() == "step_00000006_universal"
+    H.assert_ok(H.run([str(run), *args, "train.max_steps=9"], nproc=1))
+    back = H.run([str(run), *args, "train.max_steps=12"], nproc=2)
+    H.assert_ok(back)
+    assert "resumed from step_00000009" in back.stderr
+    losses = H.train_losses(run)
+    assert sorted(losses) == list(range(1, 13))
+    assert sum(losses[s] for s in (10, 11, 12)) < 0.6 * sum(losses[s] for s in (1, 2, 3))
