@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -86,7 +87,7 @@ class WandbLogger:
         run_dir = Path(run_dir)
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         id_file = run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self._run = wandb.init(project=project, entity=entity, name=name, id=run_id, resume="allow",
                                dir=str(run_dir), mode=mode, config=scrub_secrets(config))
