@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 # "field op number", e.g. "pwatermark < 0.5" or "aesthetic.score >= 5"; dots reach into nested json.
-JSON_FILTER_RE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|==|!=|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+JSON_FILTER_RE = re.compile(
+    r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|==|!=|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
 
 
 def parse_json_filter(text: str) -> tuple[str, str, float]:
@@ -83,7 +84,7 @@ class DataConfig:
 
     # --- DataLoader ---
     prefetch_factor: int = field(default=2, metadata={"ge": 1})
-    pin_memory: bool = False
+    pin_memory: bool = False   # pin batches (after scaling) when CUDA is there
     multiprocessing_context: Literal["default", "fork", "spawn", "forkserver"] = "default"
 
     def all_sources(self) -> list[SourceConfig]:

@@ -1,0 +1,282 @@
+"""The loaders the runtime calls: an endless, resumable training loader and a one-pass loader.
+
+Both wrap a torch DataLoader over the worker streams of stream.py (the DataLoader batches
+nothing: workers hand over whole batches), take each batch's `__meta__` off, add its counts
+to the trainer-side totals, and scale raw images to float32 [-1, 1] here in the main process
+(uint8 crosses the process boundary: a quarter of the bytes).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import warnings
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from .config import DataConfig
+from .faults import Tally
+from .shards import expand_urls, split_by_rank, split_by_worker
+from .state import LAYOUT_KEYS, STATE_VERSION, check_state, initial_positions, settle
+from .stream import OnePassStream, TrainStream
+from .transforms import to_float
+
+DEFAULT_BATCHES_PER_EPOCH = 1000
+
+
+def _identity(x):
+    return x
+
+
+def _dataloader(dataset, cfg: DataConfig, num_workers: int) -> DataLoader:
+    kwargs: dict = dict(batch_size=None, num_workers=num_workers, collate_fn=_identity)
+    if num_workers > 0:
+        kwargs["prefetch_factor"] = cfg.prefetch_factor
+        if cfg.multiprocessing_context != "default":
+            kwargs["multiprocessing_context"] = cfg.multiprocessing_context
+    return DataLoader(dataset, **kwargs)
+
+
+def _finish(batch: dict, pin: bool) -> dict:
+    """Scale uint8 images to float; pin after that (pinning the uint8 copy would be wasted)."""
+    image = batch.get("image")
+    if image is not None and not image.dtype.is_floating_point:
+        batch["image"] = to_float(image)
+    if pin and torch.cuda.is_available():
+        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+def _fingerprint(cfg: DataConfig) -> str:
+    """What decides the sample sequence besides the layout: a changed value makes resuming approximate."""
+    keys = ("urls", "sources", "kind", "image_size", "image_keys", "caption_key", "caption_json_field",
+            "allow_empty_caption", "resampled", "shuffle_buffer", "crop", "flip_prob", "interpolation",
+            "aspect_buckets", "bucket_step", "bucket_max_ratio", "min_original_size", "max_aspect_ratio",
+            "json_filters")
+    blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True, default=lambda o: o.__dict__)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- training
+
+class TrainLoader:
+    """Endless batches for one rank; epoch e is batches [e * len(self), (e + 1) * len(self)) on every rank.
+
+    `next(loader)` / `for batch in loader` run forever; `iter_epoch()` yields the rest of the
+    current epoch. `state_dict()` is the position after the last batch handed out."""
+
+    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, seed: int, batch_size: int,
+                 state: Optional[dict] = None):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} / world_size {world_size} is not a valid layout")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.cfg = cfg
+        self.rank, self.world_size, self.seed, self.batch_size = rank, world_size, seed, batch_size
+        self.sources = [(expand_urls(s.urls), s.weight) for s in cfg.all_sources()]
+        if not self.sources or not any(u for u, _ in self.sources):
+            raise ValueError("data.urls (or data.sources) is empty: nothing to train on")
+        self.num_workers = cfg.num_workers
+        self.nlogical = max(1, cfg.num_workers)
+        for i, (urls, _) in enumerate(self.sources):
+            if not urls:
+                raise ValueError(f"data.sources[{i}] expands to no shard")
+            if not cfg.resampled:  # a worker without a shard could not make its share of batches
+                mine = split_by_rank(urls, rank, world_size)
+                for w in range(self.nlogical):
+                    if not split_by_worker(mine, w, self.nlogical):
+                        raise ValueError(
+                            f"data.resampled = false: rank {rank} worker {w} gets no shard of "
+                            f"{'data.urls' if not cfg.sources else f'data.sources[{i}]'} ({len(urls)} shards for "
+                            f"{world_size} ranks x {self.nlogical} workers); use resampled: true, fewer workers, "
+                            f"or more shards")
+        if cfg.batches_per_epoch:
+            self.batches_per_epoch = cfg.batches_per_epoch
+        elif cfg.samples_per_epoch:
+            self.batches_per_epoch = max(1, math.ceil(cfg.samples_per_epoch / (batch_size * world_size)))
+        else:
+            self.batches_per_epoch = DEFAULT_BATCHES_PER_EPOCH
+        self._consumed = 0
+        self._positions = initial_positions(self.nlogical, self.batches_per_epoch)
+        self._tally = Tally()
+        self._it: Optional[Iterator] = None
+        self._loader: Optional[DataLoader] = None
+        if state is not None:
+            self.load_state_dict(state)
+
+    # ------------------------------------------------------------------ iteration
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._consumed // self.batches_per_epoch
+
+    @property
+    def batches_consumed(self) -> int:
+        return self._consumed
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._start()
+        batch = next(self._it)
+        meta = batch.pop("__meta__")
+        w = meta["worker"]
+        if w != self._consumed % self.nlogical:  # round-robin broken: positions would be wrong
+            raise RuntimeError(f"data loader: batch {self._consumed} came from worker {w}, expected "
+                               f"{self._consumed % self.nlogical}")
+        self._positions[w] = settle({k: meta[k] for k in ("epoch", "batches", "raw", "pending")},
+                                    self.batches_per_epoch, self.nlogical, w)
+        self._tally.add(meta["tally"])
+        self._consumed += 1
+        self._tally.check(self.cfg.max_bad_fraction, self.cfg.bad_fraction_min_samples, f"rank {self.rank}")
+        return _finish(batch, self.cfg.pin_memory)
+
+    def iter_epoch(self) -> Iterator[dict]:
+        """The batches left in the current epoch (all of them at an epoch start)."""
+        for _ in range(self.batches_per_epoch - self._consumed % self.batches_per_epoch):
+            yield next(self)
+
+    def _start(self) -> None:
+        dataset = TrainStream(self.cfg, self.sources, rank=self.rank, world_size=self.world_size, seed=self.seed,
+                              batch_size=self.batch_size, batches_per_epoch=self.batches_per_epoch,
+                              positions=copy.deepcopy(self._positions),
+                              worker_offset=self._consumed % self.nlogical)
+        self._loader = _dataloader(dataset, self.cfg, self.num_workers)
+        self._it = iter(self._loader)
+
+    def close(self) -> None:
+        """Stop the worker processes (they restart on the next batch)."""
+        it, self._it, self._loader = self._it, None, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ counts
+
+    def fault_counts(self) -> dict[str, int]:
+        """Bad samples by reason, cumulative over the batches handed out (workers included)."""
+        return dict(sorted(self._tally.bad.items()))
+
+    def counts(self) -> dict:
+        """{"good", "filtered", "bad": {reason: n}, "bad_total"} over the batches handed out."""
+        d = self._tally.as_dict()
+        d["bad_total"] = sum(d["bad"].values())
+        return d
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+            "num_workers": self.nlogical, "batch_size": self.batch_size,
+            "batches_per_epoch": self.batches_per_epoch,
+            "batches_consumed": self._consumed,
+            "epoch": self.epoch,
+            "samples_consumed": self._consumed * self.batch_size,
+            "workers": copy.deepcopy(self._positions),
+            "tally": self._tally.as_dict(),
+            "fingerprint": _fingerprint(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state(state)
+        self.close()
+        self._tally = Tally()
+        self._tally.add(state["tally"])
+        mine = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "num_workers": self.nlogical,
+                "batch_size": self.batch_size, "batches_per_epoch": self.batches_per_epoch}
+        changed = [f"{k} {state[k]} -> {mine[k]}" for k in LAYOUT_KEYS if state[k] != mine[k]]
+        if changed:
+            # Positions of another layout mean nothing here: go on from the start of the next epoch.
+            epoch = state["batches_consumed"] // state["batches_per_epoch"] + 1
+            warnings.warn(f"data loader state was saved with another layout ({'; '.join(changed)}): resuming at "
+                          f"the start of epoch {epoch}, not at the exact batch", RuntimeWarning, stacklevel=2)
+            self._consumed = epoch * self.batches_per_epoch
+            self._positions = initial_positions(self.nlogical, self.batches_per_epoch, epoch)
+            return
+        if state.get("fingerprint") not in (None, _fingerprint(self.cfg)):
+            warnings.warn("data config changed since this loader state was saved (urls, shuffle or transforms): "
+                          "the resumed sequence follows the new config", RuntimeWarning, stacklevel=2)
+        self._consumed = int(state["batches_consumed"])
+        self._positions = copy.deepcopy(state["workers"])
+
+
+# ----------------------------------------------------------------------------- one pass
+
+class OnePassLoader:
+    """One pass over the shards of this rank: every good sample exactly once across ranks x workers.
+
+    Iterating again makes another pass. Workers are capped at this rank's shard count, so none idles."""
+
+    def __init__(self, cfg: DataConfig, urls: str | Sequence[str], *, rank: int, world_size: int, batch_size: int,
+                 with_meta: bool = False, check_bad_fraction: bool = True, num_workers: Optional[int] = None,
+                 expanded: bool = False):
+        all_urls = list(urls) if expanded else expand_urls(urls)
+        if not all_urls:
+            raise ValueError("no shard URLs given")
+        self.urls = split_by_rank(all_urls, rank, world_size)
+        if not self.urls:
+            raise ValueError(f"rank {rank} of {world_size} gets no shard: only {len(all_urls)} shards; "
+                             f"use at most {len(all_urls)} ranks or split the data into more shards")
+        self.cfg = cfg
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.with_meta, self.check_bad_fraction = with_meta, check_bad_fraction
+        wanted = cfg.num_workers if num_workers is None else num_workers
+        self.num_workers = min(wanted, len(self.urls))
+        self._tally = Tally()  # over all passes
+        self.last_pass: Optional[Tally] = None
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch, _ in self.events():
+            if batch is not None:
+                yield batch
+
+    def events(self) -> Iterator[tuple[Optional[dict], list]]:
+        """(batch or None, shards finished) pairs; a shard is reported once all its samples were handed out."""
+        dataset = OnePassStream(self.cfg, self.urls, batch_size=self.batch_size, with_meta=self.with_meta,
+                                rank=self.rank)
+        tally = self.last_pass = Tally()
+        for item in _dataloader(dataset, self.cfg, self.num_workers):
+            meta = item.pop("__meta__")
+            tally.add(meta["tally"])
+            self._tally.add(meta["tally"])
+            batch = None if meta["final"] else _finish(item, self.cfg.pin_memory)
+            yield batch, [tuple(d) for d in meta["shards_done"]]
+        if self.check_bad_fraction:
+            tally.check(self.cfg.max_bad_fraction, self.cfg.bad_fraction_min_samples, f"rank {self.rank}")
+
+    def fault_counts(self) -> dict[str, int]:
+        return dict(sorted(self._tally.bad.items()))
+
+    def counts(self) -> dict:
+        d = self._tally.as_dict()
+        d["bad_total"] = sum(d["bad"].values())
+        return d
+
+
+# ----------------------------------------------------------------------------- the API
+
+def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, batch_size: int,
+                       state: Optional[dict] = None) -> TrainLoader:
+    """Endless, resumable training batches for this rank (same count per epoch on every rank)."""
+    return TrainLoader(cfg, rank=rank, world_size=world_size, seed=seed, batch_size=batch_size, state=state)
+
+
+def build_eval_loader(cfg: DataConfig, urls: str | Sequence[str], *, rank: int, world_size: int,
+                      batch_size: int) -> OnePassLoader:
+    """One pass, center crop, no flip: each good sample exactly once across ranks x workers."""
+    return OnePassLoader(cfg, urls, rank=rank, world_size=world_size, batch_size=batch_size)

@@ -1,0 +1,149 @@
+"""Precompute latents and text embeddings into new shards, keyed like the source.
+
+Model-agnostic: the caller passes `encode_images(images [B,3,H,W] in [-1,1]) -> {"latent_mean",
+"latent_std"?, ...}` and `encode_captions(list[str]) -> {"text_hidden", "text_mask", "text_pooled"}`.
+Storing the posterior (mean, std) rather than one sample lets training draw a fresh latent every
+step; with `flip="pair"` the flipped image is encoded too (`{name}_flip`), because flipping a
+latent is not the same as encoding the flipped image. Caption dropout is not applied here: done
+once at precompute time, the same samples would always be unconditional (DESIGN.md §8).
+
+Each source shard `NAME.tar` becomes `OUT/NAME.tar` (written to a temporary name, renamed when
+complete; `NAME.tar.empty` when it had no good sample), so a rerun skips finished shards.
+Ranks own fixed slices of the source list; there is
+no torch.distributed here. Arrays are `.npy` members (no pickle); the loader with
+`kind: precomputed` reads them back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from webdataset.writer import TarWriter
+
+from .config import DataConfig
+from .loader import OnePassLoader
+from .samples import FLIP_SUFFIX
+from .shards import expand_urls, split_by_rank
+from .tensors import npy_bytes
+
+EncodeImages = Callable[[torch.Tensor], dict]
+EncodeCaptions = Callable[[list], dict]
+EMPTY_SUFFIX = ".empty"  # marks a source shard that had no good sample
+_SHARD_NAME = re.compile(r"([\w.-]+?)\.(?:tar|tar\.gz|tgz)\b")
+
+
+def output_names(urls: Sequence[str]) -> dict[str, str]:
+    """Source URL -> output shard file name: the source's own name, or its index when names collide."""
+    names = {}
+    for i, url in enumerate(urls):
+        found = _SHARD_NAME.findall(url)
+        names[url] = f"{found[-1]}.tar" if found else f"{i:05d}.tar"
+    if len(set(names.values())) < len(names):
+        names = {url: f"{i:05d}.tar" for i, url in enumerate(urls)}
+    return names
+
+
+def _to_numpy(t, dtype: str) -> np.ndarray:
+    a = t.detach().to("cpu").numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    if a.dtype.kind == "f":
+        a = a.astype(np.float16 if dtype == "float16" else np.float32)
+    return a
+
+
+def precompute_shards(cfg: DataConfig, urls: str | Sequence[str], out_dir: str | os.PathLike, *,
+                      encode_images: EncodeImages, encode_captions: EncodeCaptions,
+                      rank: int = 0, world_size: int = 1, batch_size: int = 32,
+                      flip: Literal["none", "pair"] = "pair", dtype: Literal["float32", "float16"] = "float32",
+                      overwrite: bool = False, num_workers: Optional[int] = None,
+                      progress: Optional[Callable[[dict], None]] = None) -> dict:
+    """Encode this rank's share of the source shards; returns counts for the log."""
+    if flip not in ("none", "pair"):
+        raise ValueError(f"flip must be 'none' or 'pair', got {flip!r}")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    all_urls = expand_urls(urls)
+    names = output_names(all_urls)
+    mine = split_by_rank(all_urls, rank, world_size)  # fixed slice: independent of what others finished
+    todo = [u for u in mine
+            if overwrite or not ((out / names[u]).exists() or (out / (names[u] + EMPTY_SUFFIX)).exists())]
+    summary = {"rank": rank, "shards": len(mine), "skipped_done": len(mine) - len(todo), "written": 0,
+               "samples": 0, "bad": {}, "seconds": 0.0}
+    if not todo:
+        return summary
+    t0 = time.time()
+    loader = OnePassLoader(cfg, todo, rank=0, world_size=1, batch_size=batch_size, with_meta=True,
+                           num_workers=num_workers, expanded=True)
+    writers: dict[str, TarWriter] = {}
+
+    def writer_for(url: str) -> TarWriter:
+        if url not in writers:
+            writers[url] = TarWriter(str(out / (names[url] + ".tmp")), encoder=False, mtime=0)
+        return writers[url]
+
+    def finish(url: str, status: str) -> None:
+        w = writers.pop(url, None)
+        if status == "unreadable_url":  # may be transient: leave it for a rerun
+            if w is not None:
+                w.close()
+                os.remove(out / (names[url] + ".tmp"))
+            return
+        if w is None:  # no good sample: mark it done without an empty tar (which training would flag)
+            (out / (names[url] + EMPTY_SUFFIX)).touch()
+            return
+        w.close()
+        os.replace(out / (names[url] + ".tmp"), out / names[url])
+        summary["written"] += 1
+
+    try:
+        with torch.inference_mode():
+            for batch, done in loader.events():
+                if batch is not None:
+                    _write_batch(batch, encode_images, encode_captions, flip, dtype, writer_for)
+                    summary["samples"] += len(batch["key"])
+                    if progress:
+                        progress(dict(summary))
+                for url, status in done:
+                    finish(url, status)
+    finally:
+        for url, w in list(writers.items()):  # only after an error: leave no half-written shard behind
+            w.close()
+            try:
+                os.remove(out / (names[url] + ".tmp"))
+            except FileNotFoundError:
+                pass
+    summary["bad"] = loader.fault_counts()
+    summary["seconds"] = round(time.time() - t0, 3)
+    return summary
+
+
+def _write_batch(batch: dict, encode_images: EncodeImages, encode_captions: EncodeCaptions, flip: str, dtype: str,
+                 writer_for: Callable[[str], TarWriter]) -> None:
+    images = batch["image"]
+    arrays = {k: _to_numpy(v, dtype) for k, v in encode_images(images).items()}
+    if "latent_mean" not in arrays:
+        raise ValueError(f"encode_images must return 'latent_mean' (got {', '.join(arrays)})")
+    if flip == "pair":
+        flipped = encode_images(torch.flip(images, dims=[-1]))
+        arrays.update({k + FLIP_SUFFIX: _to_numpy(v, dtype) for k, v in flipped.items()})
+    text = {k: _to_numpy(v, dtype) for k, v in encode_captions(list(batch["caption"])).items()}
+    if "text_hidden" not in text:
+        raise ValueError(f"encode_captions must return 'text_hidden' (got {', '.join(text)})")
+    if "text_mask" in text:
+        text["text_mask"] = text["text_mask"].astype(bool)
+    arrays.update(text)
+    for i, key in enumerate(batch["key"]):
+        record = dict(batch["json"][i])
+        record.update(key=key, caption=batch["caption"][i], source_url=batch["url"][i], flip=flip,
+                      latent_shape=list(arrays["latent_mean"][i].shape))
+        member = {"__key__": key, "txt": batch["caption"][i].encode(), "json": json.dumps(record).encode()}
+        for name, a in arrays.items():
+            member[f"{name}.npy"] = npy_bytes(a[i])
+        writer_for(batch["url"][i]).write(member)

@@ -1,0 +1,120 @@
+"""Precompute round trip: shards of latents + text embeddings read back into the same tensors, and a
+stage-two-like loss from them equals the loss computed online from the raw shards."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from data_pipeline import DataConfig, build_eval_loader, build_train_loader
+from data_pipeline.precompute import precompute_shards
+from data_pipeline.synthetic import write_synthetic
+
+
+class TinyEncoder(nn.Module):
+    """Random-init stand-in for the autoencoder: a posterior (mean, std) at 1/4 resolution."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+
+    def forward(self, x):
+        mean, logvar = self.conv(x).chunk(2, dim=1)
+        return {"latent_mean": mean, "latent_std": torch.exp(0.5 * logvar.clamp(-10, 4))}
+
+
+def encode_captions(captions: list[str]) -> dict:
+    """Deterministic stand-in for a text encoder: token states from character codes, varying lengths."""
+    L, D = 8, 5
+    hidden = torch.zeros(len(captions), L, D)
+    mask = torch.zeros(len(captions), L, dtype=torch.bool)
+    for i, c in enumerate(captions):
+        words = c.split()[:L]
+        for j, w in enumerate(words):
+            hidden[i, j] = torch.tensor([float(ord(ch)) for ch in (w * D)[:D]]) / 100
+        mask[i, :len(words)] = True
+    return {"text_hidden": hidden, "text_mask": mask, "text_pooled": hidden.sum(1)}
+
+
+def toy_loss(latent_mean, latent_std, text_pooled, noise, eps):
+    """A stand-in stage-two loss: sample the latent, noise it, predict the noise with a fixed map."""
+    z = latent_mean + latent_std * eps
+    t = 0.3
+    x = (1 - t) * z + t * noise
+    pred = x * 0.5 + text_pooled.mean(-1)[:, None, None, None] * 0.01
+    return torch.mean((pred - noise) ** 2)
+
+
+def test_precompute_round_trip_and_loss_equality(tmp_path):
+    src = tmp_path / "src"
+    write_synthetic(src, 14, size=16, seed=1, shard_size=5)  # 3 shards: 5, 5, 4
+    cfg = DataConfig(urls=[str(src)], image_size=16, num_workers=1)
+    enc = TinyEncoder().eval()
+    out = tmp_path / "pre"
+    summaries = [precompute_shards(cfg, cfg.urls, out, encode_images=enc, encode_captions=encode_captions,
+                                   rank=r, world_size=2, batch_size=4, flip="pair") for r in range(2)]
+    assert sum(s["samples"] for s in summaries) == 14 and sum(s["written"] for s in summaries) == 3
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    assert not list(out.glob("*.tmp"))
+
+    # reference: encode the raw eval batches online
+    ref = {}
+    with torch.no_grad():
+        for b in build_eval_loader(cfg, cfg.urls, rank=0, world_size=1, batch_size=3):
+            lat, lat_flip, text = enc(b["image"]), enc(torch.flip(b["image"], dims=[-1])), encode_captions(b["caption"])
+            for i, k in enumerate(b["key"]):
+                ref[k] = {"latent_mean": lat["latent_mean"][i], "latent_std": lat["latent_std"][i],
+                          "flip_mean": lat_flip["latent_mean"][i], "text_hidden": text["text_hidden"][i],
+                          "text_mask": text["text_mask"][i], "text_pooled": text["text_pooled"][i],
+                          "caption": b["caption"][i]}
+
+    pcfg = DataConfig(urls=[str(out)], kind="precomputed", num_workers=2)
+    seen = set()
+    for b in build_eval_loader(pcfg, pcfg.urls, rank=0, world_size=1, batch_size=4):
+        assert b["latent_mean"].dtype == torch.float32 and b["text_mask"].dtype == torch.bool
+        assert b["latent_mean"].shape[1:] == (4, 4, 4) and b["text_hidden"].shape[1:] == (8, 5)
+        for i, k in enumerate(b["key"]):
+            r = ref[k]
+            seen.add(k)
+            assert b["caption"][i] == r["caption"]
+            for name in ("latent_mean", "latent_std", "text_hidden", "text_mask", "text_pooled"):
+                assert torch.equal(b[name][i], r[name]), name
+            noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(len(seen)))
+            eps = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(100 + len(seen)))
+            pre = toy_loss(b["latent_mean"][i:i + 1], b["latent_std"][i:i + 1], b["text_pooled"][i:i + 1], noise, eps)
+            raw = toy_loss(r["latent_mean"][None], r["latent_std"][None], r["text_pooled"][None], noise, eps)
+            assert abs(pre.item() - raw.item()) <= 1e-5
+    assert seen == set(ref)
+
+    # training from precomputed shards: flip_prob 1 always takes the stored flipped pair
+    tcfg = DataConfig(urls=[str(out)], kind="precomputed", num_workers=0, flip_prob=1.0, batches_per_epoch=3)
+    b = next(build_train_loader(tcfg, rank=0, world_size=1, seed=0, batch_size=4))
+    for i, k in enumerate(b["key"]):
+        assert torch.equal(b["latent_mean"][i], ref[k]["flip_mean"])
+        assert "latent_mean_flip" not in b
+
+    # a rerun skips finished shards
+    again = precompute_shards(cfg, cfg.urls, out, encode_images=enc, encode_captions=encode_captions,
+                              rank=0, world_size=1)
+    assert again["skipped_done"] == 3 and again["samples"] == 0
+
+
+def test_precompute_over_faulty_shards_keeps_exactly_the_good_samples(faulty_shards, tmp_path):
+    cfg = DataConfig(urls=faulty_shards["urls"], image_size=16, num_workers=2, max_bad_fraction=1.0,
+                     fault_log_per_minute=0)
+    enc = TinyEncoder().eval()
+    total = 0
+    for r in range(2):
+        s = precompute_shards(cfg, cfg.urls, tmp_path, encode_images=enc, encode_captions=encode_captions,
+                              rank=r, world_size=2, batch_size=3, flip="none", dtype="float16")
+        total += s["samples"]
+    assert total == len(faulty_shards["good_keys"])
+    written = sorted(p.name for p in tmp_path.glob("*.tar"))
+    assert written == ["00000.tar", "00001.tar", "00002.tar", "00003.tar", "00005.tar"]  # unreadable: left to retry
+    pcfg = DataConfig(urls=[str(tmp_path)], kind="precomputed", num_workers=0)
+    loader = build_eval_loader(pcfg, pcfg.urls, rank=0, world_size=1, batch_size=5)
+    keys = sorted(k for b in loader for k in b["key"])
+    assert keys == faulty_shards["good_keys"] and loader.fault_counts() == {}
+    from data_pipeline.inspect import inspect_shards
+    report = inspect_shards([str(tmp_path)], pcfg)
+    assert report["samples"] == len(keys) and report["bad_total"] == 0 and report["latent_shapes"] == {"4x4x4": len(keys)}
