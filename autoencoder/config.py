@@ -88,7 +88,8 @@ class AutoencoderLossConfig:
     disc_weight: float = field(default=0.5, metadata={"ge": 0})        # 0: no discriminator at all
     disc_factor: float = field(default=1.0, metadata={"ge": 0})
     disc_start: int = field(default=50001, metadata={"ge": 0})         # generator optimizer steps before the GAN
-    disc_warmup_steps: int = field(default=0, metadata={"ge": 0})      # D trains this many steps before disc_start
+    # D trains from max(0, disc_start - disc_warmup_steps): it learns before its loss reaches G
+    disc_warmup_steps: int = field(default=0, metadata={"ge": 0})
     disc_layers: int = field(default=3, metadata={"ge": 1, "le": 6})
     disc_channels: int = field(default=64, metadata={"ge": 1})
     # "group" (default) and "none" are per-sample; "batch" normalises the concatenated real+fake batch.
@@ -104,8 +105,5 @@ class AutoencoderLossConfig:
         return self.disc_weight > 0 and self.disc_factor > 0
 
     def validate(self) -> None:
-        if self.disc_warmup_steps > self.disc_start:
-            raise ValueError(f"disc_warmup_steps = {self.disc_warmup_steps} exceeds disc_start = "
-                             f"{self.disc_start}: the discriminator cannot train before step 0")
         if self.vgg_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{8,64}", self.vgg_sha256):
             raise ValueError(f"vgg_sha256 = {self.vgg_sha256!r} must be 8 to 64 hex digits")
