@@ -2,7 +2,7 @@
 
 Each dataclass is one YAML section; `launch/configio.py` builds them and checks ranges
 (field metadata), choices (`Literal`) and `validate()` rules, naming the dotted key on error.
-Rules that span sections (for example `conditioning.null: learned` needing
+Rules that span sections (for example `conditioning.null_embedding: learned` needing
 `denoiser.learned_null_tokens > 0`) are checked when the stage is built (`ldm.training`).
 """
 from __future__ import annotations
@@ -43,7 +43,8 @@ class UNetConfig:
         for m in self.channel_mult:
             ch = self.model_channels * m
             if ch % self.norm_groups:
-                raise ValueError(f"channels {ch} (model_channels * {m}) not divisible by norm_groups {self.norm_groups}")
+                raise ValueError(f"channels {ch} (model_channels * {m}) not divisible by "
+                                 f"norm_groups {self.norm_groups}")
             if self.head_dim is not None and ch % self.head_dim:
                 raise ValueError(f"channels {ch} not divisible by head_dim {self.head_dim}")
             if self.head_dim is None and ch % self.num_heads:
@@ -91,8 +92,8 @@ class DenoiserConfig:
     # Pooled text embedding (width of the text encoder's pooled output) added to the time embedding
     # (SDXL / SD3 style); 0 disables it.
     pooled_dim: int = field(default=0, metadata={"ge": 0})
-    # Rows of the learned null caption (PixArt-style) used when `conditioning.null: learned`; must equal the
-    # text length (open_clip context length, 77). 0: no learned null.
+    # Rows of the learned null caption (PixArt-style) used when `conditioning.null_embedding: learned`;
+    # must equal the text length (open_clip context length, 77). 0: no learned null.
     learned_null_tokens: int = field(default=0, metadata={"ge": 0})
     # "xformers" is used only when xformers is installed and the tensors are on CUDA; otherwise SDPA.
     attention_backend: Literal["sdpa", "xformers"] = "sdpa"
@@ -138,12 +139,14 @@ class ObjectiveConfig:
 @dataclass
 class ConditioningConfig:
     dropout_prob: float = field(default=0.1, metadata={"ge": 0, "le": 1})   # per sample, at train time only
-    null: Literal["empty", "learned"] = "empty"   # empty-prompt embedding, or the denoiser's learned null caption
+    null_embedding: Literal["empty", "learned"] = "empty"   # empty-prompt embedding or the learned null caption
     use_text_mask: bool = True          # pass the padding mask to cross-attention (SD1/2 attend to all 77 tokens)
 
 
 @dataclass
 class LatentConfig:
+    # Tells the runtime what to set up (a frozen autoencoder for online encoding, or none); the stage itself
+    # takes whichever the batch carries: `latent_mean`/`latent_std` (precomputed) or `image` (online).
     source: Literal["online", "precomputed"] = "online"
     autoencoder: Optional[str] = None   # export directory of a trained first stage
     # latent = (z - shift_factor) * scaling_factor, z drawn from the posterior
@@ -164,6 +167,9 @@ class SamplingConfig:
     guidance_interval: Optional[tuple[float, float]] = None
     guidance_rescale: float = field(default=0.0, metadata={"ge": 0, "le": 1})   # Lin et al. phi
     flow_shift: Optional[float] = field(default=None, metadata={"gt": 0})      # null: objective.shift
+    # Clamp each data estimate to [-c, c] while sampling (diffusers' clip_sample); null: off. Needed for
+    # eps-prediction on schedules whose noise end has a tiny signal (cosine), see ldm/samplers.py.
+    clip_x0: Optional[float] = field(default=None, metadata={"gt": 0})
 
     def validate(self) -> None:
         if self.guidance_interval is not None:
