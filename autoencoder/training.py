@@ -110,6 +110,10 @@ class AutoencoderStage:
     def setup(self, device: torch.device) -> None:
         self.loss.to(device)
 
+    def latent_statistics(self, main: nn.Module, batches: Iterable) -> dict[str, float]:
+        """scaling_factor / shift_factor (and raw mean, std, count) over `latent_stats_batches` batches."""
+        return latent_statistics(main, batches, num_batches=self.autoencoder_config.latent_stats_batches).as_dict()
+
     def set_collectives(self, all_reduce_sum=None, broadcast=None) -> int:
         """Install rank collectives for VQ/FSQ state updated in forward (see quantize.py)."""
         return set_collectives(self.autoencoder, all_reduce_sum, broadcast)

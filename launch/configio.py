@@ -80,8 +80,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     tree = dict(tree)
+    seen: dict[str, str] = {}
     for item in overrides:
         key, value = parse_override(item)
+        if key in seen:
+            raise ConfigError(f"override key '{key}' is given twice ({seen[key]!r} and {item!r}); if the shell "
+                              "expanded a brace pattern such as {00000..00009}, quote it")
+        seen[key] = item
         node = tree
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):

@@ -120,3 +120,15 @@ def all_reduce_sum_counts(counts: dict[str, int]) -> dict[str, int]:
         for k, v in (part or {}).items():
             total[k] = total.get(k, 0) + int(v)
     return total
+
+
+def all_reduce_sum_(t: torch.Tensor) -> None:
+    """In-place sum over ranks (no-op alone)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+
+
+def broadcast_(t: torch.Tensor, src: int) -> None:
+    """In-place copy from rank `src` (no-op alone)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(t, src)

@@ -89,12 +89,14 @@ class LogWindow:
 class Trainer:
     def __init__(self, cfg: Config, env: D.DistEnv, stage, train_data, val_data: Callable[[], Iterable] | None = None,
                  eval_module_factory: Callable[[], torch.nn.Module] | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None,
+                 stats_data: Callable[[], Iterable] | None = None):
         check_runtime_config(cfg)
         self.cfg, self.env, self.stage = cfg, env, stage
         self.train_data = train_data
         self.val_data = val_data                      # a callable giving a fresh one-pass iterable
         self.eval_module_factory = eval_module_factory
+        self.stats_data = stats_data                  # fresh training batches for stage one's latent statistics
         self.run_dir = Path(cfg.run_dir)
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
@@ -156,11 +158,18 @@ class Trainer:
             self.window = LogWindow(rank_state.get("window"))
             self.counters.update(rank_state.get("counters", {}))
         else:
-            # Another world size: the documented rule is a fresh data stream and RNG keyed by
-            # (seed, resume step, rank); see launch/universal.py.
+            # Another world size (see launch/universal.py): RNG streams keyed by (seed, resume step, rank);
+            # the loader is handed rank 0's old position, which it cannot continue at a new world size,
+            # so it starts the epoch after that one (shard order is a function of seed, epoch, rank, worker).
             seed_everything(self.cfg.train.seed * 1_000_003 + step * 7919 + self.env.rank + 1)
-            if hasattr(self.train_data, "reseed"):
-                self.train_data.reseed(self.cfg.train.seed * 1_000_003 + step)
+            first = ckpt.root / loaded_tag / "state" / "rank_00000.pt"
+            if first.is_file() and hasattr(self.train_data, "load_state_dict"):
+                old_state = json.loads(torch.load(first, map_location="cpu", weights_only=True).get("data_json")
+                                       or "{}")
+                if old_state:
+                    self.train_data.load_state_dict(old_state)
+            old_rank0 = torch.load(first, map_location="cpu", weights_only=True) if first.is_file() else {}
+            self.counters.update(old_rank0.get("counters", {}))
         self.log(f"resumed from {loaded_tag} (step {step})")
         return step
 
@@ -188,6 +197,9 @@ class Trainer:
         self.main = self.engines[self.stage.main_module]
         self.ema = EMA(self.main.module, cfg.ema) if cfg.ema.enabled else None
         self.stage.setup(env.device)
+        if hasattr(self.stage, "set_collectives") and env.world_size > 1:
+            # state updated inside forward (VQ codebook usage / EMA codebooks) must agree across ranks
+            self.stage.set_collectives(D.all_reduce_sum_, D.broadcast_)
         self.window = LogWindow()
         self.counters = {"nonfinite_skipped": 0, "consecutive_nonfinite": 0}
 
@@ -223,8 +235,38 @@ class Trainer:
         finally:
             progress.close()
             stop.restore()
+        if status == "completed" and hasattr(self.stage, "latent_statistics"):
+            self._latent_statistics(step)
         self._finish(status, step)
         return TrainResult(status, step, EXIT_OK if status == "completed" else EXIT_PREEMPTED)
+
+    def _latent_statistics(self, step: int) -> None:
+        """Stage one: scaling_factor = 1/std and shift_factor = mean of the latents, measured on
+        training batches with the weights an export would use (EMA when on), stored beside the
+        final checkpoint (and copied into exports)."""
+        state = self.full_main_state(use_ema=True)   # collective under ZeRO-3
+        if self.env.is_main and self.eval_module_factory is not None:
+            module = self.eval_module_factory()
+            module.load_state_dict(state, strict=False)
+            module.to(self.env.device).eval()
+            batches = (to_device(b, self.env.device) for b in self._stats_batches())
+            with torch.random.fork_rng(devices=[]):
+                stats = self.stage.latent_statistics(module, batches)
+            text = json.dumps(stats, indent=1)
+            (self.run_dir / "latent_stats.json").write_text(text)
+            tag_dir = self.ckpt.root / tag_for(step)
+            if tag_dir.is_dir():
+                (tag_dir / "latent_stats.json").write_text(text)
+            self.log(f"latent statistics: scaling_factor {stats['scaling_factor']:.5f}, "
+                     f"shift_factor {stats['shift_factor']:.5f}")
+        D.barrier()
+
+    def _stats_batches(self) -> Iterable:
+        """Held-out batches when there are, else a fresh pass of training data (not the training iterator)."""
+        if self.val_data is not None:
+            yield from self.val_data()
+            return
+        yield from self.stats_data() if self.stats_data is not None else []
 
     def _finish(self, status: str, step: int) -> None:
         D.barrier()
@@ -422,11 +464,14 @@ class Trainer:
             if hasattr(engine, "destroy"):
                 engine.destroy()
         self.engines = {}
+        if hasattr(self.train_data, "close"):
+            self.train_data.close()
 
 
 def run_training(cfg: Config, build_stage: Callable[[Config], Any],
                  build_data: Callable[[Config, D.DistEnv], tuple[Any, Callable[[], Iterable] | None]],
-                 eval_module_factory: Callable[[], torch.nn.Module] | None = None) -> TrainResult:
+                 eval_module_factory: Callable[[], torch.nn.Module] | None = None,
+                 stats_data: Callable[[], Iterable] | None = None) -> TrainResult:
     """Initialise the process group, build stage and data, train, tear everything down."""
     check_runtime_config(cfg)
     env = D.init_distributed()
@@ -435,7 +480,7 @@ def run_training(cfg: Config, build_stage: Callable[[Config], Any],
         seed_everything(cfg.train.seed)          # same initial weights on every rank
         stage = build_stage(cfg)
         train_data, val_data = build_data(cfg, env)
-        trainer = Trainer(cfg, env, stage, train_data, val_data, eval_module_factory)
+        trainer = Trainer(cfg, env, stage, train_data, val_data, eval_module_factory, stats_data=stats_data)
         return trainer.run()
     finally:
         if trainer is not None:

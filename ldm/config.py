@@ -107,6 +107,7 @@ class TextEncoderConfig:
     model_config: Optional[str] = None  # extra open_clip model-config JSON file or folder to register first
     cache_dir: Optional[str] = None    # where open_clip looks for / downloads tagged weights
     context_length: Optional[int] = field(default=None, metadata={"ge": 2})  # override the tokenizer length
+    init_seed: int = 0                 # a random (pretrained: null) tower is seeded, so every process builds the same
 
 
 @dataclass
@@ -149,9 +150,10 @@ class LatentConfig:
     # takes whichever the batch carries: `latent_mean`/`latent_std` (precomputed) or `image` (online).
     source: Literal["online", "precomputed"] = "online"
     autoencoder: Optional[str] = None   # export directory of a trained first stage
-    # latent = (z - shift_factor) * scaling_factor, z drawn from the posterior
-    scaling_factor: float = field(default=0.18215, metadata={"gt": 0})
-    shift_factor: float = 0.0
+    # latent = (z - shift_factor) * scaling_factor, z drawn from the posterior.
+    # null: taken from the autoencoder export's config.json (measured at the end of stage one).
+    scaling_factor: Optional[float] = field(default=None, metadata={"gt": 0})
+    shift_factor: Optional[float] = None
     sample_posterior: bool = True       # false: use the posterior mean
 
 

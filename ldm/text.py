@@ -45,7 +45,8 @@ def resolve_model_config(path: str) -> Path:
 
 
 def create_open_clip(arch: str, pretrained: Optional[str] = None, cache_dir: Optional[str] = None,
-                     model_config: Optional[str] = None, context_length: Optional[int] = None) -> nn.Module:
+                     model_config: Optional[str] = None, context_length: Optional[int] = None,
+                     init_seed: int = 0) -> nn.Module:
     """Build the open_clip model through open_clip's loader, with errors that name what is missing."""
     import open_clip
 
@@ -55,7 +56,11 @@ def create_open_clip(arch: str, pretrained: Optional[str] = None, cache_dir: Opt
     if context_length is not None:
         kwargs["force_context_length"] = context_length
     if not pretrained or arch.startswith(("hf-hub:", "local-dir:")):
-        return open_clip.create_model(arch, **kwargs)     # random init, or weights inside the schema source
+        # A random tower must be the same tower in every process (ranks, precompute, sampling): seed its
+        # init from `init_seed` without touching the caller's RNG streams.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            return open_clip.create_model(arch, **kwargs)  # random init, or weights inside the schema source
     tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if tag_cfg:
         try:
@@ -80,14 +85,14 @@ class OpenCLIPTextEncoder(nn.Module):
 
     def __init__(self, arch: str = "ViT-L-14", pretrained: Optional[str] = None, layer: str = "last",
                  cache_dir: Optional[str] = None, model_config: Optional[str] = None,
-                 context_length: Optional[int] = None):
+                 context_length: Optional[int] = None, init_seed: int = 0):
         super().__init__()
         import open_clip
 
         if layer not in ("last", "penultimate"):
             raise ValueError(f"layer {layer!r}: expected 'last' or 'penultimate'")
         self.layer = layer
-        clip = create_open_clip(arch, pretrained, cache_dir, model_config, context_length)
+        clip = create_open_clip(arch, pretrained, cache_dir, model_config, context_length, init_seed)
         tower = getattr(clip, "text", None)
         if tower is not None and not hasattr(getattr(tower, "transformer", None), "resblocks"):
             raise NotImplementedError(f"open_clip model {arch!r} has a Hugging Face text tower "
@@ -138,4 +143,4 @@ class OpenCLIPTextEncoder(nn.Module):
 def build_text_encoder(cfg) -> OpenCLIPTextEncoder:
     """TextEncoderConfig -> frozen encoder (weights through open_clip's loader)."""
     return OpenCLIPTextEncoder(cfg.arch, cfg.pretrained, cfg.layer, cfg.cache_dir, cfg.model_config,
-                               cfg.context_length)
+                               cfg.context_length, cfg.init_seed)

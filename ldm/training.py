@@ -12,6 +12,8 @@ Condition dropout (CFG) is drawn here, per sample, at every training step.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Mapping, Optional
 
 import torch
@@ -89,6 +91,10 @@ class DiffusionStage:
         self.objective = objective
         self.text_encoder = _freeze(text_encoder)
         self.autoencoder = _freeze(autoencoder)
+        if latents.scaling_factor is None or latents.shift_factor is None:
+            # unset: the runtime fills them from the autoencoder export; alone, latents are used as they come
+            latents = dataclasses.replace(latents, scaling_factor=latents.scaling_factor or 1.0,
+                                          shift_factor=latents.shift_factor or 0.0)
         self.conditioning, self.latents, self.sampling = conditioning, latents, sampling
         self.use_pooled = use_pooled
         self.latent_shape = latent_shape

@@ -6,12 +6,13 @@ import json
 import sys
 
 NAME = "data"
-HELP = "data tools: synthetic shards, images/CSV/parquet to shards, shard inspection"
+HELP = "data tools: synthetic shards, images/CSV/parquet to shards, inspection, precomputed latents"
 DESCRIPTION = """Data tools for img2dataset-layout WebDataset shards (NNNNN.tar + .parquet + _stats.json).
 
   ldm data synth OUT --num N --size S [--seed K] [--shard-size M]   captioned shapes (DESIGN.md §5)
   ldm data write SRC OUT                                            folder with sidecar .txt, or CSV/parquet
   ldm data inspect URLS [--json]                                    good samples, bad samples by reason, sizes
+  ldm data precompute CONFIG --autoencoder EXPORT_DIR --out OUT     latents + text embeddings for stage two
 """
 
 
@@ -53,6 +54,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-json-field", default="caption")
 
 
+    p = sub.add_parser("precompute", help="encode a diffusion config's shards to latents + text embeddings",
+                       description="Reads the config's data.urls, encodes images with the autoencoder export "
+                                   "(posterior mean and std, flipped pair when data.flip_prob > 0) and captions "
+                                   "with the config's text encoder, and writes shards keyed like the source. "
+                                   "Under torchrun/srun each rank takes its own slice of shards. Train on them "
+                                   "with data.kind=precomputed data.urls=OUT/*.tar.")
+    p.add_argument("config", help="a stage-two (diffusion) run config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--autoencoder", required=True, help="export directory of the trained autoencoder")
+    p.add_argument("--out", required=True, help="output folder for the precomputed shards")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--flip", choices=("pair", "none"), default=None,
+                   help="also encode the mirrored image (default: when data.flip_prob > 0)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--overwrite", action="store_true", help="redo shards that are already there")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from data_pipeline.synthetic import write_synthetic
@@ -77,6 +95,15 @@ def run(args: argparse.Namespace) -> int:
         cfg.validate()
         report = inspect_shards(args.urls, cfg, num_workers=args.workers)
         print(json.dumps(report) if args.json else format_report(report))
+        return 0
+    if args.data_command == "precompute":
+        from launch.config import load_config
+        from launch.precompute import precompute
+
+        cfg = load_config(args.config, args.overrides)
+        summary = precompute(cfg, args.autoencoder, args.out, batch_size=args.batch_size, flip=args.flip,
+                             dtype=args.dtype, overwrite=args.overwrite)
+        print(json.dumps(summary))
         return 0
     print(f"ldm data: unknown action {args.data_command!r}", file=sys.stderr)
     return 2

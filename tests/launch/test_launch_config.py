@@ -93,3 +93,9 @@ def test_generic_types():
     assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("novalue")
+
+
+def test_shell_expanded_brace_pattern_is_caught():
+    """`data.urls=d/{0..1}.tar` unquoted becomes two overrides; the second must not silently win."""
+    with pytest.raises(ConfigError, match="given twice.*quote it"):
+        load_config(None, ["data.urls=d/0.tar", "data.urls=d/1.tar"], base=MINIMAL)
