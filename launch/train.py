@@ -30,7 +30,7 @@ from .config import Config
 from .configio import config_hash, dump_yaml, flatten, to_plain
 from .ema import EMA
 from .engine import (build_engine, check_runtime_config, discard_gradients, grads_finite, lr_factor,
-                     set_lr)
+                     optimizer_state_bytes, set_lr)
 from .images import save_grid
 from .metrics import MetricsWriter, WandbLogger
 from .progress import TrainProgress
@@ -202,6 +202,7 @@ class Trainer:
             self.stage.set_collectives(D.all_reduce_sum_, D.broadcast_)
         self.window = LogWindow()
         self.counters = {"nonfinite_skipped": 0, "consecutive_nonfinite": 0}
+        self._logged_memory = False
 
         step = 0
         if tag is not None:
@@ -225,20 +226,24 @@ class Trainer:
                                  max_steps=cfg.train.max_steps, images_per_step=self.global_batch,
                                  desc=f"train {cfg.stage}")
         self._log_fn = progress.write if env.is_main else None
+        # The stop flag stays installed until result.json is written: torchrun sends SIGTERM to the
+        # remaining workers as soon as one exits, which must not kill rank 0 mid-write.
         try:
-            status, step = self._loop(step, stop, progress)
-        except NonFiniteAbort as e:
-            progress.close()
-            self.log(str(e))
-            self._finish("nonfinite", self.step_reached)
-            return TrainResult("nonfinite", self.step_reached, EXIT_NONFINITE)
+            try:
+                status, step = self._loop(step, stop, progress)
+            except NonFiniteAbort as e:
+                progress.close()
+                self.log(str(e))
+                self._finish("nonfinite", self.step_reached)
+                return TrainResult("nonfinite", self.step_reached, EXIT_NONFINITE)
+            finally:
+                progress.close()
+            if status == "completed" and hasattr(self.stage, "latent_statistics"):
+                self._latent_statistics(step)
+            self._finish(status, step)
+            return TrainResult(status, step, EXIT_OK if status == "completed" else EXIT_PREEMPTED)
         finally:
-            progress.close()
             stop.restore()
-        if status == "completed" and hasattr(self.stage, "latent_statistics"):
-            self._latent_statistics(step)
-        self._finish(status, step)
-        return TrainResult(status, step, EXIT_OK if status == "completed" else EXIT_PREEMPTED)
 
     def _latent_statistics(self, step: int) -> None:
         """Stage one: scaling_factor = 1/std and shift_factor = mean of the latents, measured on
@@ -334,6 +339,9 @@ class Trainer:
                         discard_gradients(engine)  # grads are all-reduced: every rank decides alike
                         continue
                     engine.step()
+                    if engine.was_step_applied():
+                        key = f"steps_applied/{name}"
+                        self.counters[key] = self.counters.get(key, 0) + 1
                     if name == self.stage.main_module:
                         applied = engine.was_step_applied()
             if applied and self.ema is not None:
@@ -389,6 +397,13 @@ class Trainer:
         grad_norm = self.main.get_global_grad_norm()
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        record.update({k: v for k, v in self.counters.items() if k.startswith("steps_applied/")})
+        if not self._logged_memory:
+            # once per start: what ZeRO leaves on the busiest rank (see docs/scaling.md / ldm plan)
+            self._logged_memory = True
+            for name, engine in self.engines.items():
+                record[f"mem/optimizer_state_bytes_max/{name}"] = D.all_reduce_max(
+                    [float(optimizer_state_bytes(engine))], self.env.device)[0]
         for reason, count in faults.items():
             record[f"data/bad/{reason}"] = count
         if faults:
