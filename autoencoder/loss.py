@@ -26,6 +26,12 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def _carry(y: torch.Tensor, grad_y: torch.Tensor, value) -> torch.Tensor:
+    """A scalar whose value is `value` and whose gradient with respect to `y` is `grad_y`."""
+    t = (y * grad_y.to(y.dtype)).sum()
+    return t - t.detach() + value
+
+
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
@@ -70,24 +76,25 @@ class AutoencoderLoss(nn.Module):
         fn = hinge_d_loss if self.cfg.disc_loss == "hinge" else vanilla_d_loss
         return fn(logits_real.float(), logits_fake.float())
 
-    def adaptive_weight(self, nll: torch.Tensor, g_loss: torch.Tensor, last_layer: Optional[torch.Tensor]
-                        ) -> torch.Tensor:
-        """disc_weight * |d nll / dW| / |d g_loss / dW| at the decoder's last layer W.
-
-        Gradients are taken with autograd.grad (nothing accumulates in .grad), norms in fp32,
-        clamped to [0, adaptive_weight_max]; a non-finite ratio (overflow under low precision)
-        falls back to 0 so one bad step cannot poison the generator.
-        """
+    def adaptive_weight(self, g_nll: torch.Tensor, g_gan: torch.Tensor) -> torch.Tensor:
+        """disc_weight * |d nll / dW| / |d g_loss / dW| from the two gradients at the decoder's last
+        layer W, in fp32, clamped to [0, adaptive_weight_max]; a non-finite ratio (overflow under low
+        precision) falls back to 0 so one bad step cannot poison the generator."""
         if not self.cfg.adaptive_weight:
-            return nll.new_tensor(self.cfg.disc_weight, dtype=torch.float32)
-        if last_layer is None or not torch.is_grad_enabled() or not g_loss.requires_grad:
-            return nll.new_zeros((), dtype=torch.float32)
-        g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-        g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+            return g_nll.new_tensor(self.cfg.disc_weight, dtype=torch.float32)
         ratio = g_nll.float().norm() / (g_gan.float().norm() + 1e-4)
         ratio = torch.where(torch.isfinite(ratio), ratio.clamp(0.0, self.cfg.adaptive_weight_max),
                             torch.zeros_like(ratio))
         return (ratio * self.cfg.disc_weight).detach()
+
+    @staticmethod
+    def last_layer_grad(features: torch.Tensor, conv: nn.Conv2d, grad_output: torch.Tensor) -> torch.Tensor:
+        """dL/dW of the last conv from its input and dL/d(its output): what autograd.grad(L, W) gives,
+        without a second backward through the decoder (see generator_loss)."""
+        w = conv.weight
+        shape = tuple(getattr(w, "ds_shape", w.shape))   # ZeRO-3 keeps only a partition in .weight
+        return torch.nn.grad.conv2d_weight(features.float(), shape, grad_output.float(), stride=conv.stride,
+                                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
 
     def _fake_logits(self, disc: Callable, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         dtype = _dtype_of(disc) if isinstance(disc, nn.Module) else fake.dtype
@@ -97,13 +104,28 @@ class AutoencoderLoss(nn.Module):
 
     # ------------------------------------------------------------------ generator
     def generator_loss(self, inputs: torch.Tensor, out: dict[str, torch.Tensor], step: int,
-                       disc: Optional[Callable] = None, last_layer: Optional[torch.Tensor] = None) -> LossOutput:
+                       disc: Optional[Callable] = None, last_layer: Optional[nn.Conv2d] = None,
+                       features: Optional[torch.Tensor] = None) -> LossOutput:
         """Loss of the autoencoder for one batch. `out` is Autoencoder.forward's dict; `disc` the
-        discriminator (called, with its parameters frozen by the caller); `last_layer` is
-        decoder.conv_out.weight for the adaptive weight."""
+        discriminator (called, with its parameters frozen by the caller); `last_layer` is the
+        decoder's last conv and `features` its input, for the adaptive GAN weight.
+
+        The adaptive weight needs the gradients of the NLL and of the GAN term at the last layer's
+        weight W. LDM takes them with two autograd.grad calls through the whole graph; under
+        ZeRO-2/3 a backward through the engine's module outside engine.backward runs DeepSpeed's
+        gradient-reduction hooks, and it walks LPIPS and D three times. Instead both terms are
+        evaluated on a detached copy y' of the reconstruction: two cheap backwards reach y' only
+        (through LPIPS / D, never the autoencoder), dL/dW follows exactly from the conv's input and
+        dL/dy' (`last_layer_grad`), and the autoencoder receives dL/dy through one surrogate term
+        whose value is the true loss. Gradients are identical to differentiating the total loss.
+        """
         cfg = self.cfg
         x = inputs.float()
-        xr = out["reconstruction"].float()
+        y = out["reconstruction"]
+        side = disc is not None and self.gan_active(step) and cfg.adaptive_weight and torch.is_grad_enabled()
+        if side and (last_layer is None or features is None):
+            raise ValueError("generator_loss: the adaptive weight needs last_layer and features")
+        xr = y.detach().float().requires_grad_(True) if side else y.float()
         per_pixel = x[0].numel()
         logs: dict[str, torch.Tensor] = {}
         terms: dict[str, torch.Tensor] = {}
@@ -132,7 +154,6 @@ class AutoencoderLoss(nn.Module):
         logs["rec_loss"] = rec.mean().detach()
         logs["nll"] = nll.detach()
         logs["logvar"] = logvar.detach()
-        loss = nll
 
         if self.regularizer == "kl":
             kl = out["kl"].float()                                   # per-sample sums over the latent
@@ -146,16 +167,33 @@ class AutoencoderLoss(nn.Module):
             for k in ("usage", "perplexity", "batch_perplexity", "commitment_loss"):
                 if k in out:
                     logs[k] = out[k].detach().float()
-        loss = loss + reg
 
         if disc is not None and self.gan_active(step):
-            logits_fake = self._fake_logits(disc, inputs, out["reconstruction"])
+            logits_fake = self._fake_logits(disc, inputs, xr)
             g_loss = self.generator_adversarial(logits_fake)
-            d_weight = self.adaptive_weight(nll, g_loss, last_layer)
-            gan = d_weight * cfg.disc_factor * g_loss
+            logs.update(g_loss=g_loss.detach(), logits_fake_g=logits_fake.detach().float().mean())
+            if side:
+                gy_nll, = torch.autograd.grad(nll, xr, retain_graph=True)
+                gy_gan, = torch.autograd.grad(g_loss, xr)
+                d_weight = self.adaptive_weight(self.last_layer_grad(features, last_layer, gy_nll),
+                                                self.last_layer_grad(features, last_layer, gy_gan))
+                scale = d_weight * cfg.disc_factor
+                if out.get("logvar") is not None:   # a learned logvar: its own gradient, rec held fixed
+                    nll_term = _carry(y, gy_nll, 0.0) + (rec.detach() * inv_var + logvar).mean()
+                else:
+                    nll_term = _carry(y, gy_nll, nll.detach())
+                gan = _carry(y, scale * gy_gan, (scale * g_loss).detach())
+                terms = {"nll": nll_term}            # per-term graphs are not kept on this path
+                main = nll_term + gan
+            else:
+                d_weight = self.adaptive_weight(nll.detach(), nll.detach())   # fixed weight (adaptive off)
+                gan = d_weight * cfg.disc_factor * g_loss
+                main = nll + gan
             terms["gan"] = gan
-            loss = loss + gan
-            logs.update(g_loss=g_loss.detach(), d_weight=d_weight, logits_fake_g=logits_fake.detach().float().mean())
+            logs["d_weight"] = d_weight
+        else:
+            main = nll
+        loss = main + reg
         logs["psnr"] = psnr(x.detach(), xr.detach().clamp(-1, 1)).mean()
         logs["loss"] = loss.detach()
         return LossOutput(loss, logs, terms)

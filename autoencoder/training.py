@@ -75,7 +75,15 @@ class AutoencoderStage:
         if perceptual is None and build_lpips:
             perceptual = build_perceptual(loss)
         self.loss = AutoencoderLoss(loss, autoencoder.regularizer, perceptual)
+        # The input of the decoder's last conv, for the adaptive GAN weight (see AutoencoderLoss.generator_loss).
+        self._last_features: dict[str, torch.Tensor] = {}
+        if self.discriminator is not None:
+            self.autoencoder.decoder.conv_out.register_forward_hook(self._keep_last_features)
         self._alternate = 0   # micro-step parity for gan_steps = "alternating" (restarts at 0 on resume)
+
+    def _keep_last_features(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            self._last_features["x"] = inputs[0].detach()
 
     @classmethod
     def from_config(cls, cfg) -> "AutoencoderStage":
@@ -144,9 +152,12 @@ class AutoencoderStage:
         if g_on:
             out = ae(xin, sample=True)
             use_gan = disc is not None and self.loss.gan_active(step)
-            last = unwrap(ae).last_layer if use_gan else None
-            with frozen(disc) if use_gan else contextlib.nullcontext():
-                g = self.loss.generator_loss(x, out, step, disc if use_gan else None, last)
+            # D is frozen for the generator's loss and called as the plain module: a runtime wrapper
+            # (a DeepSpeed engine) would treat the side backward through it as its own backward pass.
+            d_plain = unwrap(disc) if use_gan else None
+            with frozen(d_plain) if use_gan else contextlib.nullcontext():
+                g = self.loss.generator_loss(x, out, step, d_plain, self.autoencoder.decoder.conv_out,
+                                             self._last_features.pop("x", None))
             losses["autoencoder"] = g.loss
             logs.update(g.logs)
             recon = out["reconstruction"]

@@ -184,6 +184,11 @@ def _convert(path: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"config key '{path}' = {value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads `2e-3` (no dot) as a string; it is plainly a number
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{path}' = {value!r} must be a number")
         return float(value)

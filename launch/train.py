@@ -267,11 +267,12 @@ class Trainer:
         D.barrier()
 
     def _stats_batches(self) -> Iterable:
-        """Held-out batches when there are, else a fresh pass of training data (not the training iterator)."""
-        if self.val_data is not None:
+        """A fresh one-pass read of the training shards (not the training iterator, whose position is
+        checkpointed), else held-out batches."""
+        if self.stats_data is not None:
+            yield from self.stats_data()
+        elif self.val_data is not None:
             yield from self.val_data()
-            return
-        yield from self.stats_data() if self.stats_data is not None else []
 
     def _finish(self, status: str, step: int) -> None:
         D.barrier()

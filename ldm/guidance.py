@@ -32,7 +32,8 @@ def cfg_batch(x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]
 
 def cfg_combine(pred2: torch.Tensor, scale: torch.Tensor | float, rescale: float = 0.0) -> torch.Tensor:
     """[u; c] -> u + scale (c - u), optionally rescaled (Lin et al.). `scale` is a float or a [B] tensor."""
-    uncond, cond = pred2.chunk(2)
+    n = pred2.shape[0] // 2
+    uncond, cond = pred2[:n], pred2[n:]   # slices, not chunk(): torch.export keeps the batch dynamic
     if not torch.is_tensor(scale):
         scale = torch.tensor(scale, dtype=cond.dtype, device=cond.device)
     scale = scale.to(cond.dtype).reshape(-1, *([1] * (cond.dim() - 1))) if scale.dim() else scale

@@ -21,6 +21,7 @@ def test_overrides_are_typed_and_nested():
     assert cfg.data.urls == ["shards/{00000..00003}.tar"]   # a single string becomes a list
     assert cfg.logging.wandb_entity is None
     assert isinstance(cfg, Config)
+    assert load_config(None, ["optimizer.lr=2e-3"], base=MINIMAL).optimizer.lr == 0.002   # YAML 1.1 string
 
 
 @pytest.mark.parametrize("override,needles", [

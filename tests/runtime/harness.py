@@ -29,11 +29,15 @@ def job_env(**extra: str) -> dict:
     return env
 
 
+LDM = "-m launch"   # pass as `script` to run the real `ldm` entry point (python -m launch ...)
+
+
 def command(script: Path | str, args: list[str], nproc: int) -> list[str]:
+    target = ["-m", "launch"] if script == LDM else [str(script)]
     if nproc == 1:
-        return [sys.executable, str(script), *args]
+        return [sys.executable, *target, *args]
     return [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", str(script), *args]
+            f"--master_port={free_port()}", *target, *args]
 
 
 def run(args: list[str], nproc: int = 2, script: Path | str = RUN_TOY, timeout: float = 300, **env) -> subprocess.CompletedProcess:
