@@ -1,0 +1,46 @@
+"""Test job: `python export_train_job.py CONFIG key=value ...`, alone or under torchrun.
+
+Trains exactly as `ldm train` does (launch.stages + Trainer over DeepSpeed), then writes the main
+module's weights gathered IN-PROCESS (Trainer.full_main_state: EMA and live) to
+RUN_DIR/inproc_{ema,live}.safetensors, for comparison with what `ldm export` reads from the checkpoint."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from launch import dist as D
+from launch import stages
+from launch.config import load_config
+from launch.train import Trainer, seed_everything
+
+
+def main() -> int:
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    stages.check(cfg)
+    env = D.init_distributed()
+    trainer = None
+    try:
+        seed_everything(cfg.train.seed)
+        stage = stages.build_stage(cfg)
+        train, val = stages.build_data(cfg, env)
+        trainer = Trainer(cfg, env, stage, train, val, stages.eval_module_factory(cfg),
+                          stats_data=stages.stats_data_factory(cfg))
+        result = trainer.run()
+        live = trainer.full_main_state(use_ema=False)            # collective under ZeRO-3
+        ema = trainer.full_main_state(use_ema=True) if trainer.ema is not None else None
+        if env.is_main:
+            out = Path(cfg.run_dir)
+            save_file({k: v.contiguous() for k, v in live.items()}, str(out / "inproc_live.safetensors"))
+            if ema is not None:
+                save_file({k: v.contiguous() for k, v in ema.items()}, str(out / "inproc_ema.safetensors"))
+        return result.exit_code
+    finally:
+        if trainer is not None:
+            trainer.close()
+        D.destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
