@@ -64,6 +64,18 @@ def resolved_latents(cfg: Config, autoencoder_config: dict | None):
     return dataclasses.replace(lat, scaling_factor=float(scale), shift_factor=float(shift or 0.0))
 
 
+def precompute_info(urls: list[str]) -> dict | None:
+    """OUT/precompute.json beside local precomputed shards (written by `ldm data precompute`)."""
+    from data_pipeline.shards import expand_urls
+
+    for url in expand_urls(urls)[:1]:
+        if not url.startswith("pipe:"):
+            info = Path(url).parent / "precompute.json"
+            if info.is_file():
+                return json.loads(info.read_text())
+    return None
+
+
 # ----------------------------------------------------------------------------- stages
 
 def build_stage(cfg: Config):
@@ -78,6 +90,8 @@ def build_stage(cfg: Config):
         from .export import load_autoencoder
 
         autoencoder, ae_config = load_autoencoder(cfg.latents.autoencoder)
+    elif cfg.data.kind == "precomputed":
+        ae_config = precompute_info(cfg.data.urls)   # the scale of the autoencoder that made the shards
     cfg = dataclasses.replace(cfg, latents=resolved_latents(cfg, ae_config))
     return DiffusionStage.from_config(cfg, autoencoder=autoencoder)
 
