@@ -92,6 +92,8 @@ class ValidationConfig:
     batches: int = field(default=2, metadata={"ge": 1})
     sample_every: int = field(default=0, metadata={"ge": 0})   # 0: no sample / reconstruction grids
     num_images: int = field(default=8, metadata={"ge": 1})
+    # Stage two: fixed prompts for the sample grids (else the captions of the first held-out batch).
+    prompts: list[str] = field(default_factory=list)
 
 
 @dataclass

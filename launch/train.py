@@ -27,7 +27,7 @@ import torch
 from . import dist as D
 from .checkpoint import CheckpointManager, Loaded, capture_rng, restore_rng, tag_for
 from .config import Config
-from .configio import config_hash, dump_yaml, flatten, to_plain
+from .configio import ConfigError, config_hash, dump_yaml, flatten, to_plain
 from .ema import EMA
 from .engine import (build_engine, check_runtime_config, discard_gradients, grads_finite, lr_factor,
                      optimizer_state_bytes, set_lr)
@@ -181,9 +181,11 @@ class Trainer:
         seed_everything(cfg.train.seed)                      # identical initial weights on every rank
         modules = self.stage.trainable_modules()
         if cfg.train.activation_checkpointing:
-            for m in modules.values():
-                if hasattr(m, "set_gradient_checkpointing"):
-                    m.set_gradient_checkpointing(True)
+            for name, m in modules.items():
+                if not hasattr(m, "set_activation_checkpointing"):
+                    raise ConfigError(f"config key 'train.activation_checkpointing' = true, but the "
+                                      f"'{name}' module has no activation checkpointing")
+                m.set_activation_checkpointing(True)
         # Which checkpoint (if any) we resume decides how the engines are built: one written at
         # another world size loads through DeepSpeed's universal format.
         self.ckpt = CheckpointManager(self.run_dir, env, cfg.train.keep_checkpoints)
@@ -456,7 +458,7 @@ class Trainer:
         return {**weights, **buffers}
 
     def _preview(self, step: int) -> None:
-        if self.eval_module_factory is None or self.val_data is None:
+        if self.eval_module_factory is None or (self.val_data is None and not self.cfg.validation.prompts):
             return
         state = self.full_main_state(use_ema=True)   # collective under ZeRO-3
         if self.env.is_main:
@@ -465,9 +467,12 @@ class Trainer:
             if unexpected:
                 raise RuntimeError(f"preview module does not match the trained one: unexpected {unexpected[:5]}")
             module.to(self.env.device).eval()
-            batch = next(iter(self._val_batches()))
-            batch = {k: (v[: self.cfg.validation.num_images] if hasattr(v, "__getitem__") else v)
-                     for k, v in batch.items()}
+            if self.cfg.validation.prompts and self.cfg.stage == "diffusion":
+                batch = {"caption": list(self.cfg.validation.prompts)}
+            else:
+                batch = next(iter(self._val_batches()))
+                batch = {k: (v[: self.cfg.validation.num_images] if hasattr(v, "__getitem__") else v)
+                         for k, v in batch.items()}
             with torch.random.fork_rng(devices=[]):
                 images = self.stage.preview(module, to_device(batch, self.env.device), seed=self.cfg.train.seed)
             path = save_grid(images, self.run_dir / "samples" / f"step_{step:08d}.png")

@@ -32,7 +32,9 @@ def stage_two_runs(tiny_world, tmp_path_factory) -> dict:
         proc = H.run(["train", DM_CONFIG, f"run_dir={run}", f"data.urls={tiny_world['latent_urls']}",
                       f"latents.autoencoder={tiny_world['ae_export']}", f"deepspeed.zero_stage={zero}",
                       "train.max_steps=30", "train.micro_batch_size=16", "train.log_every=3", "optimizer.lr=2e-3",
-                      "optimizer.warmup_steps=5", "train.precision=fp32", "data.num_workers=0"],
+                      "optimizer.warmup_steps=5", "train.precision=fp32", "data.num_workers=0",
+                      "validation.sample_every=15",
+                      'validation.prompts=["a red circle on a blue background", "a green square on a white background"]'],
                      nproc=2, script=H.LDM)
         H.assert_ok(proc)
         runs[zero] = run
@@ -47,6 +49,10 @@ def test_stage_two_trains_under_zero_0_2_3(stage_two_runs):
         first, last = _mean([losses[3], losses[6]]), _mean([losses[27], losses[30]])
         assert last < 0.85 * first, f"ZeRO-{zero}: loss should fall ({first:.3f} -> {last:.3f})"
         assert (run / "checkpoints" / "latest").read_text() == "step_00000030"
+        # sample grids for the fixed prompts, from the EMA weights (gathered under ZeRO-3)
+        from PIL import Image
+        grid = Image.open(run / "samples" / "step_00000030.png")
+        assert grid.size[0] > 32 and len(set(grid.getdata())) > 2
 
 
 def test_zero2_optimizer_state_per_rank_is_at_most_055_of_zero0(stage_two_runs):
