@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import sys
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,3 +20,41 @@ os.environ.pop("WANDB_API_KEY", None)
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+# ----------------------------------------------------------------------------- a tiny real world
+# Shared by tests/integration and tests/slurm (session-scoped: built once per test run).
+
+sys.path.insert(0, str(REPO / "tests" / "runtime"))
+
+AE_CONFIG = "configs/demo/autoencoder.yaml"
+DM_CONFIG = "configs/demo/diffusion.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny_world")
+    from data_pipeline.synthetic import write_synthetic
+
+    write_synthetic(root / "train", 256, size=32, seed=0, shard_size=128)
+    write_synthetic(root / "val", 32, size=32, seed=1, shard_size=32)
+    train_urls = str(root / "train" / "{00000..00001}.tar")
+    ae_run = root / "ae_run"
+    import harness as H
+
+    proc = H.run(["train", AE_CONFIG, f"run_dir={ae_run}", f"data.urls={train_urls}",
+                  f"data.val_urls={root / 'val' / '00000.tar'}", "train.max_steps=30", "train.micro_batch_size=8",
+                  "train.log_every=2", "validation.every=15", "validation.sample_every=30", "validation.num_images=4",
+                  "train.precision=fp32", "autoencoder.latent_stats_batches=2", "data.num_workers=0"],
+                 nproc=1, script=H.LDM)
+    H.assert_ok(proc)
+    from launch.export import export_run
+
+    ae_export = export_run(ae_run, root / "ae_export")
+    latents = root / "latents"
+    proc = H.run(["data", "precompute", DM_CONFIG, f"data.urls={train_urls}", "data.kind=raw",
+                  "--autoencoder", str(ae_export), "--out", str(latents), "--batch-size", "64"],
+                 nproc=1, script=H.LDM)
+    H.assert_ok(proc)
+    return {"root": root, "train_urls": train_urls, "ae_run": ae_run, "ae_export": ae_export,
+            "latent_urls": str(latents / "{00000..00001}.tar"), "val_url": str(root / "val" / "00000.tar")}

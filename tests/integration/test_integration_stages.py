@@ -6,7 +6,9 @@ import json
 import pytest
 
 import harness as H
-from conftest import AE_CONFIG, DM_CONFIG
+
+AE_CONFIG = "configs/demo/autoencoder.yaml"
+DM_CONFIG = "configs/demo/diffusion.yaml"
 
 
 def _mean(values):
