@@ -61,6 +61,13 @@ class DeepSpeedConfig:
     allgather_bucket_size: int = field(default=50_000_000, metadata={"ge": 1})
     stage3_prefetch_bucket_size: int = field(default=50_000_000, metadata={"ge": 0})
     stage3_param_persistence_threshold: int = field(default=100_000, metadata={"ge": 0})
+    # ZeRO-3 re-releases a gathered parameter unless it is used again within this many elements;
+    # DeepSpeed's default (1e9) keeps models under ~0.5 B parameters gathered from forward to backward.
+    stage3_max_reuse_distance: int = field(default=1_000_000_000, metadata={"ge": 0})
+    stage3_max_live_parameters: int = field(default=1_000_000_000, metadata={"ge": 0})
+    # dtype of gradient reduction; null: DeepSpeed's default (the parameters' dtype, fp32 here).
+    # "bf16" halves the traffic of a bf16-autocast run (see docs/scaling.md).
+    communication_data_type: Optional[Literal["fp32", "bf16", "fp16"]] = None
     # Anything else DeepSpeed accepts, merged last into the generated DeepSpeed config.
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -25,6 +25,8 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         zero.pop("allgather_bucket_size")
         zero.update(stage3_prefetch_bucket_size=z.stage3_prefetch_bucket_size,
                     stage3_param_persistence_threshold=z.stage3_param_persistence_threshold,
+                    stage3_max_reuse_distance=z.stage3_max_reuse_distance,
+                    stage3_max_live_parameters=z.stage3_max_live_parameters,
                     stage3_gather_16bit_weights_on_model_save=False)
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -37,6 +39,8 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "bf16": {"enabled": False},
         "fp16": {"enabled": cfg.train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
     }
+    if z.communication_data_type is not None:
+        ds["communication_data_type"] = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[z.communication_data_type]
     return deep_merge(ds, cfg.deepspeed.extra)
 
 

@@ -248,15 +248,17 @@ def deepspeed_estimate(pi: ParamInfo, zero_stage: int, world: int) -> int:
 # ----------------------------------------------------------------------------- communication
 
 def comm_bytes(pi: ParamInfo, zero_stage: int, world: int, grad_accum: int, precision: str = "fp32",
-               reuse_distance: int = DS_DEFAULT_REUSE_DISTANCE) -> dict[str, float]:
+               reuse_distance: int = DS_DEFAULT_REUSE_DISTANCE,
+               comm_dtype: Optional[str] = None) -> dict[str, float]:
     """Bytes each GPU moves per optimizer step, split into gradient reduction (overlappable with
     backward when overlap_comm), parameter gathers that ZeRO-3 prefetches behind compute, and serial
-    traffic (the ZeRO-1/2 all-gather after the step)."""
+    traffic (the ZeRO-1/2 all-gather after the step). Gradients travel in `comm_dtype`
+    (deepspeed.communication_data_type) when set, else in the weights' dtype."""
     if world <= 1:
         return {"reduce": 0.0, "gather_prefetched": 0.0, "serial": 0.0}
     P = pi.trainable
     w = 2 if precision == "fp16" else 4
-    g = w
+    g = {"fp32": 4, "bf16": 2, "fp16": 2}.get(comm_dtype or "", w)
     r = (world - 1) / world
     if zero_stage == 0:
         return {"reduce": 2 * r * g * P, "gather_prefetched": 0.0, "serial": 0.0}
@@ -314,6 +316,7 @@ class Description:
     grad_accum: int
     max_steps: int
     notes: list[str] = field(default_factory=list)
+    comm_dtype: Optional[str] = None     # deepspeed.communication_data_type
 
 
 def describe(cfg, policy: str = "cuda") -> Description:
@@ -379,7 +382,8 @@ def describe(cfg, policy: str = "cuda") -> Description:
     return Description(kind=d.kind, params=pi, latent=latent, image_size=image, precision=precision,
                        checkpointing=ckpt, forward=fwd, frozen=frozen, zero_stage=cfg.deepspeed.zero_stage,
                        ema=cfg.ema.enabled, ds_zero=zero, micro_batch=cfg.train.micro_batch_size,
-                       grad_accum=cfg.train.grad_accum_steps, max_steps=cfg.train.max_steps, notes=notes)
+                       grad_accum=cfg.train.grad_accum_steps, max_steps=cfg.train.max_steps, notes=notes,
+                       comm_dtype=cfg.deepspeed.communication_data_type)
 
 
 def _autoencoder_config(cfg, latent):
@@ -518,7 +522,8 @@ def plan(desc: Description, gpus: int, hw: Hardware = Hardware(), a: Assumptions
         compute = micro * accum * flops["total"] / (mfu * hw.gpu_tflops * 1e12)
         zcfg = desc.ds_zero
         comm = comm_bytes(desc.params, z, gpus, accum, desc.precision,
-                          int(zcfg.get("stage3_max_reuse_distance", DS_DEFAULT_REUSE_DISTANCE)))
+                          int(zcfg.get("stage3_max_reuse_distance", DS_DEFAULT_REUSE_DISTANCE)),
+                          desc.comm_dtype)
         bw = hw.intra_node_gbs if nodes == 1 else hw.inter_node_gbs
         ov = bool(zcfg.get("overlap_comm", False)) if overlap_comm is None else overlap_comm
         share = (3 / 4) if ckpt else (2 / 3)
