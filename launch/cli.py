@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        import torch
+
+        torch.set_flush_denormal(True)   # CPU: denormal arithmetic is ~100x slower (launch/train.py)
         return int(handlers[args.command].run(args) or 0)
     except ConfigError as e:
         print(f"ldm {args.command}: config error: {e}", file=sys.stderr)

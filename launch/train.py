@@ -49,6 +49,13 @@ class NonFiniteAbort(RuntimeError):
     pass
 
 
+def flush_denormals() -> None:
+    """Treat denormal floats as zero on CPU. Late in training, tiny optimizer moments and
+    activations become denormal and x86 arithmetic on them is ~100x slower: a demo autoencoder
+    step went from 0.06 s to 6.8 s at step ~900 without this. No effect on CUDA."""
+    torch.set_flush_denormal(True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -177,6 +184,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg, env = self.cfg, self.env
+        flush_denormals()
         self._write_run_files()
         seed_everything(cfg.train.seed)                      # identical initial weights on every rank
         modules = self.stage.trainable_modules()
@@ -495,6 +503,7 @@ def run_training(cfg: Config, build_stage: Callable[[Config], Any],
                  stats_data: Callable[[], Iterable] | None = None) -> TrainResult:
     """Initialise the process group, build stage and data, train, tear everything down."""
     check_runtime_config(cfg)
+    flush_denormals()
     env = D.init_distributed()
     trainer = None
     try:
