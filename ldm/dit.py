@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention
+from .attention import Attention, PackedTokens, cast_for_autocast, pack_tokens
 from .conditioning import substitute_learned_null
 from .embeddings import TimestepMLP, sincos_pos_embed_2d, timestep_embedding
 
@@ -33,7 +33,8 @@ FREQ_DIM = 256   # sinusoidal features fed to the time MLP (DiT, PixArt)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+    # x * (1 + scale) + shift as one fused op over the tokens (one pass instead of two)
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 class Mlp(nn.Module):
@@ -81,10 +82,11 @@ class DiTBlock(nn.Module):
         else:
             mod = self.scale_shift_table[None] + c.view(b, 6, d)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        # gated residuals x + gate * branch as one fused op each
+        x = torch.addcmul(x, gate1[:, None], self.attn(modulate(self.norm1(x), shift1, scale1)))
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, context, context_mask)
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return torch.addcmul(x, gate2[:, None], self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
 class FinalLayer(nn.Module):
@@ -215,9 +217,13 @@ class DiT(nn.Module):
                 raise ValueError("this DiT cross-attends to text and needs `context` [B, L, context_dim]")
             context, context_mask, pooled = substitute_learned_null(context, context_mask, pooled, drop,
                                                                     self.null_context, self.null_pooled)
-            context = context.to(tokens.dtype)
+            context = pack_tokens(context.to(tokens.dtype), context_mask)   # padding is never attended
             if self.caption_proj is not None:
-                context = self.caption_proj(context)
+                context = context.map(self.caption_proj) if isinstance(context, PackedTokens) \
+                    else self.caption_proj(context)
+            # every block's keys and values read it: cast once for autocast (same numbers as per-Linear casts)
+            context = context.map(cast_for_autocast) if isinstance(context, PackedTokens) \
+                else cast_for_autocast(context)
         if self.pooled_embed is not None:
             if pooled is None:
                 raise ValueError("this DiT was built with pooled_dim > 0 and needs `pooled`")

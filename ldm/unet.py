@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention
+from .attention import Attention, prepare_context
 from .conditioning import substitute_learned_null
 from .embeddings import TimestepMLP, timestep_embedding
 
@@ -229,7 +229,7 @@ class UNet(nn.Module):
             if pooled is None:
                 raise ValueError("this UNet was built with pooled_dim > 0 and needs `pooled`")
             emb = emb + self.pooled_embed(pooled.to(emb.dtype))
-        context = context.to(x.dtype)
+        context = prepare_context(context.to(x.dtype), context_mask)   # cross-attention projects real tokens only
 
         h = self.conv_in(x)
         skips = [h]

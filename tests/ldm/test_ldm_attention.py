@@ -67,3 +67,39 @@ def test_xformers_matches_sdpa_on_cuda():
         ref = attention(q, k, v, mask, backend="sdpa")
         out = attention(q, k, v, mask, backend="xformers")
         assert (out - ref).abs().max().item() < tol
+
+
+def test_bf16_cpu_math_path_matches_fp32_including_chunks(monkeypatch):
+    """bf16 on CPU runs matmul-softmax-matmul in (batch, head) chunks: same as the fp32 reference within
+    bf16 rounding, with and without a mask, in one piece and split into chunks, gradients included."""
+    import ldm.attention as A
+
+    q, k, v = _qkv(b=3, h=4, lq=12, lk=7)
+    ref = naive_attention(q, k, v, _mask())
+    for chunk in (1 << 20, 7 * 12 * 3):                       # one piece; chunks of 3 (batch, head) pairs
+        monkeypatch.setattr(A, "_CHUNK_SCORES", chunk)
+        qb, kb, vb = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+        assert A._use_cpu_math(qb, kb, 0.0)
+        out = attention(qb, kb, vb, _mask())
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - ref).abs().max() < 3e-2
+        out.float().sum().backward()
+        q32, k32, v32 = (t.clone().requires_grad_() for t in (q, k, v))
+        naive_attention(q32, k32, v32, _mask()).sum().backward()
+        assert (kb.grad.float() - k32.grad).abs().max() < 5e-2 * k32.grad.abs().max()
+        assert torch.all(kb.grad[1, :, 3:] == 0)                # masked keys get no gradient
+
+
+def test_packed_caption_equals_padded():
+    """Cross-attention on packed real tokens (padding rows never projected) equals the padded path."""
+    from ldm.attention import pack_tokens
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4, context_dim=24).eval()
+    x, ctx = torch.randn(3, 5, 32), torch.randn(3, 7, 24)
+    mask = _mask()
+    packed = pack_tokens(ctx, mask)
+    assert packed.rows.shape[0] == int(mask.sum())
+    with torch.no_grad():
+        assert torch.allclose(attn(x, packed, mask), attn(x, ctx, mask), atol=1e-6)
+    assert pack_tokens(ctx, torch.ones(3, 7, dtype=torch.bool)) is ctx     # nothing to drop: unchanged
