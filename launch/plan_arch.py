@@ -153,6 +153,10 @@ class Tape:
     def _mm_in(self, x: Sym) -> Sym:
         return self.cast(x, LOW) if self.autocast else x
 
+    def cast_for_matmuls(self, x: Sym) -> Sym:
+        """ldm.attention.cast_for_autocast: an input read by several Linears is cast to bf16 once."""
+        return self._mm_in(x)
+
     # ---- ops
     def linear(self, x: Sym, tokens: int, d_in: int, d_out: int) -> Sym:
         self.flops += 2 * tokens * d_in * d_out
@@ -274,6 +278,8 @@ def _unet_resblock(t: Tape, x: Sym, emb: Sym, n: int, hw: tuple[int, int], c_in:
 def _attention_block(t: Tape, x: Sym, ctx: Optional[Sym], n: int, dim: int, heads: int, ctx_len: int,
                      ctx_dim: int, qk_norm: str) -> Sym:
     """ldm.attention.Attention on an already normalised input x [n, dim] (self when ctx is None)."""
+    if ctx is None:
+        x = t.cast_for_matmuls(x)                         # q, k and v share one cast
     kv_in, lk, kv_dim = (x, n, dim) if ctx is None else (ctx, ctx_len, ctx_dim)
     q = t.linear(x, n, dim, dim)
     k = t.linear(kv_in, lk, kv_dim, dim)
@@ -335,7 +341,8 @@ def unet_forward(cfg, latent_hw: tuple[int, int], ctx_len: int = 77, precision: 
     if pooled_dim:
         pe = t.linear(t.act(t.linear(t.input(pooled_dim), 1, pooled_dim, emb_dim)), 1, emb_dim, emb_dim)
         emb = t.add(emb, pe)
-    ctx = t.input(ctx_len * cfg.context_dim, batch=True)
+    # every caption at full length (no padding to skip: the worst case), cast once for all cross-attentions
+    ctx = t.cast_for_matmuls(t.input(ctx_len * cfg.context_dim, batch=True))
 
     def res(x, hw, c_in, c_out):
         with t.checkpoint(checkpointing, (x, emb), "resblock"):
@@ -434,6 +441,7 @@ def dit_forward(cfg, latent_hw: tuple[int, int], ctx_len: int = 77, precision: s
         if cfg.caption_projection:
             hid = t.linear(ctx, ctx_len, cfg.context_dim, d)
             ctx = t.linear(t.act(hid), ctx_len, d, d)
+        ctx = t.cast_for_matmuls(ctx)                       # one cast for every block's keys and values
     if pooled_dim:
         c = t.add(c, t.linear(t.act(t.linear(t.input(pooled_dim), 1, pooled_dim, d)), 1, d, d))
     block_c = t.linear(t.act(c), 1, d, 6 * d) if cfg.adaln == "single" else c

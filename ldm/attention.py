@@ -158,8 +158,9 @@ def cast_for_autocast(x: torch.Tensor) -> torch.Tensor:
     """Under autocast every Linear casts its fp32 input to the autocast dtype. When one input feeds several
     projections (q, k and v of self-attention; keys and values of every cross-attention), casting it once
     here gives the same numbers and saves the repeated copies (they were ~7 % of a bf16 DiT step)."""
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-        return x.to(torch.get_autocast_dtype(x.device.type))
+    device = x.device.type
+    if x.dtype == torch.float32 and device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
     return x
 
 
@@ -188,8 +189,9 @@ Context = Union[torch.Tensor, PackedTokens]
 
 def pack_tokens(context: torch.Tensor, key_mask: Optional[torch.Tensor]) -> Context:
     """[B, L, D] context + bool key mask [B, L] -> PackedTokens of the attended rows; the context itself when
-    nothing is masked (or no mask is given), or while torch.compile traces (data-dependent sizes)."""
-    if key_mask is None or torch.compiler.is_compiling():
+    nothing is masked (or no mask is given), while torch.compile traces (data-dependent sizes), or on the
+    meta device (no values: `ldm plan` counts every caption at full length, the worst case)."""
+    if key_mask is None or key_mask.device.type == "meta" or torch.compiler.is_compiling():
         return context
     keep = _safe_key_mask(key_mask.to(torch.bool))
     if bool(keep.all()):

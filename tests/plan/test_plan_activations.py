@@ -47,7 +47,13 @@ def test_plan_activation_peak_per_sample_matches_cpu(name, precision, ckpt, fuse
     torch.manual_seed(0)
     net = build_denoiser(d)
     net.set_activation_checkpointing(ckpt)
-    measured = M.activation_bytes_per_sample(net, lambda b: M.denoiser_inputs(d, b, (side, side)), batches=(4, 12),
+    def full_captions(b):
+        # the plan counts every caption at full length (the worst case; padding rows are packed away)
+        inputs = M.denoiser_inputs(d, b, (side, side))
+        inputs["context_mask"][:] = True
+        return inputs
+
+    measured = M.activation_bytes_per_sample(net, full_captions, batches=(4, 12),
                                              autocast=torch.bfloat16 if precision == "bf16" else None)
     fc = _predict(cfg, precision, ckpt)
     print(f"{name} {precision} ckpt={ckpt}: predicted peak {fc.peak_bytes} measured {measured['peak']:.0f} "
