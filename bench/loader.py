@@ -20,6 +20,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from .common import markdown_table, save
+
 SOURCE_SIZE = 512
 IMAGE_SIZE = 256
 BATCH_SIZE = 32
@@ -171,12 +173,20 @@ def run(quick: bool = False) -> dict:
     }
 
 
+def table(result: dict) -> str:
+    rows = [("decode bound (PIL, 1 core, full-size decode)", result["decode_bound_img_s"], "1.00x")]
+    rows += [(f"loader, {w} worker(s)", r, f"{result['ratio_to_bound'][w]:.2f}x")
+             for w, r in result["loader_img_s"].items()]
+    return markdown_table([f"{SOURCE_SIZE} px JPEG -> {IMAGE_SIZE} px batches", "img/s", "vs bound"], rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer images and batches")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = parser.parse_args(argv)
     result = run(quick=args.quick)
+    save("loader" + ("_quick" if args.quick else ""), result, table(result))
     if args.json:
         print(json.dumps(result))
     else:
