@@ -32,7 +32,12 @@ def _identity(x):
 
 
 def _dataloader(dataset, cfg: DataConfig, num_workers: int) -> DataLoader:
-    kwargs: dict = dict(batch_size=None, num_workers=num_workers, collate_fn=_identity)
+    # An own generator: starting an iterator draws its base seed from it instead of from the global torch
+    # RNG. A resumed run starts its iterator at the resume step, not at step 0, so a draw from the global
+    # stream would shift every later noise / timestep / dropout draw (training noise is restored exactly
+    # from the checkpoint's RNG state). Our workers seed themselves from (seed, epoch, rank, worker) anyway.
+    kwargs: dict = dict(batch_size=None, num_workers=num_workers, collate_fn=_identity,
+                        generator=torch.Generator().manual_seed(0))
     if num_workers > 0:
         kwargs["prefetch_factor"] = cfg.prefetch_factor
         if cfg.multiprocessing_context != "default":

@@ -124,3 +124,21 @@ def test_shard_order_is_a_function_of_seed_epoch_rank_worker(clean_shards):
     assert keys(0, 1) == keys(0, 1)
     assert keys(0, 1) != keys(1, 1)
     assert keys(0, 1) != keys(0, 2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loaders_leave_the_global_rng_alone(clean_shards, workers):
+    """Starting a loader's iterator must not draw from the global torch RNG: a resumed run starts its
+    iterator at the resume step, so such a draw would shift every later noise / timestep draw of training
+    away from the uninterrupted run (seen as a USR1-resumed stage-two run diverging at the first step)."""
+    cfg = DataConfig(urls=clean_shards["urls"], image_size=16, num_workers=workers, batches_per_epoch=3)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    loader = build_train_loader(cfg, rank=0, world_size=1, seed=5, batch_size=2)
+    take(loader, 4)
+    from data_pipeline import build_eval_loader
+
+    for _ in build_eval_loader(cfg, urls=clean_shards["urls"][:1], batch_size=2, rank=0, world_size=1):
+        pass
+    assert torch.equal(torch.get_rng_state(), before)
+    loader.close()
