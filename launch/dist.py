@@ -5,6 +5,7 @@ import datetime
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,10 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if world > 1:   # one line per rank: which process landed where (the first thing to read when a job hangs)
+        node = os.environ.get("SLURMD_NODENAME")
+        print(f"[ldm] rank {rank} of world {world} (local rank {local_rank}) on host {socket.gethostname()}"
+              + (f" node {node}" if node else "") + f" pid {os.getpid()} {backend}", file=sys.stderr, flush=True)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 

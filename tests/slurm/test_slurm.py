@@ -1,9 +1,11 @@
-"""launch/slurm.sh against a real (throw-away, single-host) Slurm cluster: a job trains like
-launch/local.sh, survives USR1 preemption through save + requeue + resume with every step logged
-once, spreads over two nodes; and the launch scripts pass bash -n and shellcheck.
+"""launch/slurm.sh against a real (throw-away, single-host) Slurm cluster: `sbatch launch/slurm.sh
+configs/demo/diffusion.yaml` trains like launch/local.sh, survives USR1 preemption through save + requeue +
+resume with every step logged once and the losses of an uninterrupted run, spreads over two nodes; a
+config error fails fast; and the launch scripts pass bash -n and shellcheck.
 
-The training runs the real runtime and DeepSpeed (2 ranks, gloo, CPU) on the runtime tests' toy
-stage, through the scripts' custom entry point hook (LDM_TRAIN_ENTRY=tests/slurm/toy_entry.py).
+The jobs run `ldm train` itself (the scripts' default entry point) on 2 ranks (gloo, CPU) with the demo's
+stage-two config, on the precomputed latents of the session's tiny world (tests/conftest.py: synthetic
+shards, a small trained autoencoder, its export). Overrides only shorten the run and make it fp32.
 """
 from __future__ import annotations
 
@@ -25,18 +27,11 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
 SLURM_SH = REPO / "launch" / "slurm.sh"
 LOCAL_SH = REPO / "launch" / "local.sh"
-TOY_ENTRY = Path(__file__).with_name("toy_entry.py")
-MAX_STEPS = 12
-CONFIG = """\
-stage: diffusion
-run_dir: runs/toy-slurm          # every test passes its own run_dir=...
-train: {micro_batch_size: 4, log_every: 1, checkpoint_every: 4, max_steps: 100}
-optimizer: {lr: 0.01, warmup_steps: 2, schedule: cosine}
-ema: {kind: power, sigma_rel: 0.1}
-"""
-OVERRIDES = [f"train.max_steps={MAX_STEPS}"]
-# What the scripts need to run the toy stage; sbatch passes the submitting environment on.
-JOB_ENV = {"LDM_TRAIN_ENTRY": str(TOY_ENTRY), "LDM_CPUS_PER_RANK": "1", "DS_ACCELERATOR": "cpu",
+CONFIG = REPO / "configs" / "demo" / "diffusion.yaml"
+# Long enough that a USR1 sent after step 3 lands mid-run (a step here takes ~30-60 ms).
+MAX_STEPS = 120
+# What the scripts need on this machine; sbatch passes the submitting environment on.
+JOB_ENV = {"LDM_CPUS_PER_RANK": "1", "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"), "WANDB_MODE": "offline",
            "OMP_NUM_THREADS": None}   # None: unset, so that both scripts pick the thread count themselves
 CPU_JOB = ["--gpus-per-node=0", "--time=10"]
@@ -45,24 +40,30 @@ CPU_JOB = ["--gpus-per-node=0", "--time=10"]
 # ------------------------------------------------------------------ helpers
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("slurm-config") / "toy.yaml"
-    path.write_text(CONFIG)
-    return path
+def config() -> Path:
+    return CONFIG
 
 
 @pytest.fixture(scope="module")
-def reference(config, tmp_path_factory) -> Path:
+def overrides(tiny_world) -> list[str]:
+    return [f"data.urls={tiny_world['latent_urls']}", f"latents.autoencoder={tiny_world['ae_export']}",
+            f"train.max_steps={MAX_STEPS}", "train.micro_batch_size=8", "train.log_every=1",
+            "train.checkpoint_every=40", "train.precision=fp32", "data.num_workers=1",
+            "validation.sample_every=100000"]
+
+
+@pytest.fixture(scope="module")
+def reference(config, overrides, tmp_path_factory) -> Path:
     """The same config trained without Slurm: launch/local.sh with 2 processes."""
     run_dir = tmp_path_factory.mktemp("local") / "run"
     env = {k: v for k, v in {**os.environ, **JOB_ENV}.items() if v is not None}
-    out = subprocess.run(["bash", str(LOCAL_SH), "2", str(config), f"run_dir={run_dir}", *OVERRIDES],
+    out = subprocess.run(["bash", str(LOCAL_SH), "2", str(config), f"run_dir={run_dir}", *overrides],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"local.sh rc={out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     return run_dir
 
 
-def submit(cluster, config: Path, run_dir: Path, sbatch_opts: list[str], overrides=OVERRIDES, **env) -> int:
+def submit(cluster, config: Path, run_dir: Path, sbatch_opts: list[str], overrides: list[str], **env) -> int:
     out_dir = run_dir.parent
     return cluster.sbatch([*CPU_JOB, f"--output={out_dir}/sbatch-%j.out", *sbatch_opts, str(SLURM_SH),
                            str(config), f"run_dir={run_dir}", *overrides], cwd=REPO, **{**JOB_ENV, **env})
@@ -117,10 +118,10 @@ def files(run_dir: Path) -> set[str]:
 
 # ------------------------------------------------------------------ tests
 
-def test_sbatch_trains_like_local_sh(slurm_cluster, config, reference, tmp_path):
+def test_sbatch_trains_like_local_sh(slurm_cluster, config, overrides, reference, tmp_path):
     """One node, 2 ranks: the run directory matches launch/local.sh's run of the same config."""
     run_dir = tmp_path / "run"
-    job = submit(slurm_cluster, config, run_dir, ["--nodes=1", "--cpus-per-task=2"])
+    job = submit(slurm_cluster, config, run_dir, ["--nodes=1", "--cpus-per-task=2"], overrides)
     info = wait_done(slurm_cluster, job, run_dir)
     log = job_log(run_dir, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log[-6000:]}"
@@ -166,11 +167,11 @@ def preempt_mid_run(cluster, job: int, run_dir: Path) -> tuple[dict, str, str, i
     return info, first, second, step
 
 
-def test_usr1_saves_requeues_and_resumes(slurm_cluster, config, reference, tmp_path):
+def test_usr1_saves_requeues_and_resumes(slurm_cluster, config, overrides, reference, tmp_path):
     """USR1 to the batch shell mid-run: checkpoint, exit 75, scontrol requeue, resume, finish;
     every step logged once and the losses of an uninterrupted run."""
     run_dir = tmp_path / "run"
-    job = submit(slurm_cluster, config, run_dir, ["--nodes=1", "--cpus-per-task=2"], TOY_SLEEP_S="0.4")
+    job = submit(slurm_cluster, config, run_dir, ["--nodes=1", "--cpus-per-task=2"], overrides)
     info, first, second, step = preempt_mid_run(slurm_cluster, job, run_dir)
     signalled = re.findall(r"node n\d: SIGUSR1 to training processes ([\d ]+)", first)
     assert len(signalled) == 1 and len(signalled[0].split()) == 2, f"both ranks, by pid: {signalled}"
@@ -179,16 +180,16 @@ def test_usr1_saves_requeues_and_resumes(slurm_cluster, config, reference, tmp_p
     assert_losses_equal(run_dir, reference, "preempted + resumed")
 
 
-def test_two_nodes_one_rank_each(slurm_cluster, config, reference, tmp_path):
+def test_two_nodes_one_rank_each(slurm_cluster, config, overrides, reference, tmp_path):
     """--nodes=2 with one CPU each: torchrun on both logical nodes, one rank per node, world size 2;
     preempted mid-run it saves on both nodes, requeues and resumes on two nodes."""
     run_dir = tmp_path / "run"
-    job = submit(slurm_cluster, config, run_dir, ["--nodes=2", "--cpus-per-task=1"], TOY_SLEEP_S="0.4")
+    job = submit(slurm_cluster, config, run_dir, ["--nodes=2", "--cpus-per-task=1"], overrides)
     info, first, second, step = preempt_mid_run(slurm_cluster, job, run_dir)
     assert info["NodeList"] == "n[1-2]", info
     for part in (first, second):
         assert "2 node(s) [n1 n2] x 1 process(es) = world size 2" in part, part[-6000:]
-        ranks = dict(re.findall(r"\[toy\] rank (\d) of world 2 on node (n\d)", part))
+        ranks = dict(re.findall(r"\[ldm\] rank (\d) of world 2 \(local rank 0\) on host \S+ node (n\d)", part))
         assert sorted(ranks) == ["0", "1"] and sorted(ranks.values()) == ["n1", "n2"], f"{ranks}\n{part[-6000:]}"
         for node in ("n1", "n2"):
             assert f"node {node} (host" in part
@@ -210,12 +211,11 @@ def test_default_entry_trains_a_real_stage(slurm_cluster, tmp_path):
     job = submit(slurm_cluster, REPO / "configs" / "autoencoder" / "kl-f4-small.yaml", run_dir,
                  ["--nodes=1", "--cpus-per-task=2"],
                  overrides=[f"data.urls={data}/{{00000..00003}}.tar", f"train.max_steps={steps}", "train.log_every=1",
-                            "validation.every=1000", "validation.sample_every=1000"],
-                 LDM_TRAIN_ENTRY=None)
+                            "validation.every=1000", "validation.sample_every=1000"])
     info = wait_done(slurm_cluster, job, run_dir)
     log = job_log(run_dir, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log[-6000:]}"
-    assert "world size 2" in log and "[toy]" not in log
+    assert "world size 2" in log
     assert result(run_dir)["status"] == "completed" and result(run_dir)["step"] == steps
     assert [r["step"] for r in records(run_dir) if "loss" in r] == list(range(1, steps + 1))
     assert (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "config.yaml").is_file()
@@ -223,7 +223,7 @@ def test_default_entry_trains_a_real_stage(slurm_cluster, tmp_path):
 
 def test_config_error_fails_fast_with_status_2(slurm_cluster, config, tmp_path):
     run_dir = tmp_path / "run"
-    job = submit(slurm_cluster, config, run_dir, ["--nodes=1", "--cpus-per-task=1"], overrides=["train.max_step=3"])
+    job = submit(slurm_cluster, config, run_dir, ["--nodes=1", "--cpus-per-task=1"], ["train.max_step=3"])
     info = wait_done(slurm_cluster, job, run_dir, timeout_s=60)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", info
     assert "train.max_step" in sbatch_out(run_dir, job)
