@@ -14,6 +14,7 @@ BENCHMARKS = {
     "sampler": "bench.sampler_cost",    # model evaluations and wall time per image at equal quality
     "zero": "bench.zero_memory",        # per-rank bytes for ZeRO 0-3 vs DeepSpeed's estimator
     "peak": "bench.peak",               # measured matmul peak (the MFU denominator)
+    "profile": "bench.profile_step",    # torch.profiler tables of one training step, ours and the peer
     "report": "bench.report",           # README "Performance" block from bench/results/*.json
 }
 DESCRIPTION = HELP + """
@@ -35,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    names = [n for n in BENCHMARKS if n not in ("peak", "report")] + ["report"] if args.name == "all" else [args.name]
+    names = [n for n in BENCHMARKS if n not in ("peak", "profile", "report")] + ["report"] if args.name == "all" else [args.name]
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
         rc = int(module.main(list(args.rest)) or 0)

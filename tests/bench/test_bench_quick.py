@@ -81,3 +81,10 @@ def test_report_renders_results_and_marks_missing(results, tmp_path):
     assert update_readme(readme, results) is True
     assert "old" not in readme.read_text() and readme.read_text().endswith("tail\n")
     assert update_readme(readme, results) is False                       # idempotent
+
+
+def test_profile_tables_name_both_sides(capsys):
+    assert ldm(["bench", "profile", "unet", "--quick", "--rows", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "== unet bf16 ours" in out and "== unet bf16 diffusers.UNet2DConditionModel" in out
+    assert out.count("Self CPU time total") == 2
