@@ -61,11 +61,16 @@ def _perturb(module: nn.Module, scale: float, seed: int) -> nn.Module:
     return module
 
 
-def _text(batch: int, dim: int, g: torch.Generator):
-    ctx = torch.randn(batch, TEXT_LEN, dim, generator=g)
+def _denoiser_inputs(batch: int, in_ch: int, out_ch: int, side: int, ctx_dim: int, seed: int) -> dict:
+    """Noisy latents, timesteps, padded captions (mask as in training) and a regression target."""
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(batch, TEXT_LEN, ctx_dim, generator=g)
     lengths = torch.randint(4, TEXT_LEN + 1, (batch,), generator=g)
-    mask = torch.arange(TEXT_LEN)[None] < lengths[:, None]          # caption padding, as in training
-    return ctx, mask
+    mask = torch.arange(TEXT_LEN)[None] < lengths[:, None]
+    x = torch.randn(batch, in_ch, side, side, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g).float()
+    return {"x": x, "t": t, "context": ctx, "mask": mask,
+            "target": torch.randn(batch, out_ch, side, side, generator=g)}
 
 
 def unet_pair(batch: int = 16, seed: int = 0, **overrides) -> Pair:
@@ -80,13 +85,7 @@ def unet_pair(batch: int = 16, seed: int = 0, **overrides) -> Pair:
     ours = _perturb(UNet(cfg), 0.01, seed)
     theirs = UNet2DConditionModel(**unet_diffusers_config(cfg))
     theirs.load_state_dict(unet_to_diffusers(ours.state_dict(), cfg), strict=True)
-    g = torch.Generator().manual_seed(seed + 1)
-    s = cfg.sample_size
-    ctx, mask = _text(batch, cfg.context_dim, g)
-    inputs = {"x": torch.randn(batch, cfg.in_channels, s, s, generator=g),
-              "t": torch.randint(0, 1000, (batch,), generator=g).float(),
-              "context": ctx, "mask": mask,
-              "target": torch.randn(batch, cfg.out_channels, s, s, generator=g)}
+    inputs = _denoiser_inputs(batch, cfg.in_channels, cfg.out_channels, cfg.sample_size, cfg.context_dim, seed + 1)
     return Pair("unet", "UNet2DConditionModel", ours, theirs, batch, inputs,
                 run_ours=lambda m, i: m(i["x"], i["t"], i["context"], i["mask"]),
                 run_theirs=lambda m, i: m(i["x"], i["t"], encoder_hidden_states=i["context"],
@@ -106,14 +105,8 @@ def dit_pair(batch: int = 16, seed: int = 0, **overrides) -> Pair:
     ours = _perturb(DiT(cfg), 0.02, seed)
     theirs = PixArtTransformer2DModel(**dit_pixart_config(cfg))
     theirs.load_state_dict(dit_to_pixart(ours.state_dict(), cfg), strict=True)
-    g = torch.Generator().manual_seed(seed + 1)
-    s = cfg.input_size
-    ctx, mask = _text(batch, cfg.context_dim, g)
     out_ch = cfg.in_channels * 2 if cfg.learn_sigma else cfg.in_channels
-    inputs = {"x": torch.randn(batch, cfg.in_channels, s, s, generator=g),
-              "t": torch.randint(0, 1000, (batch,), generator=g).float(),
-              "context": ctx, "mask": mask,
-              "target": torch.randn(batch, out_ch, s, s, generator=g)}
+    inputs = _denoiser_inputs(batch, cfg.in_channels, out_ch, cfg.input_size, cfg.context_dim, seed + 1)
     return Pair("dit", "PixArtTransformer2DModel", ours, theirs, batch, inputs,
                 run_ours=lambda m, i: m(i["x"], i["t"], i["context"], i["mask"]),
                 run_theirs=lambda m, i: m(i["x"], encoder_hidden_states=i["context"], timestep=i["t"],

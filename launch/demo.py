@@ -106,7 +106,9 @@ class Phases:
 
 
 def _train(config: Path, run_dir: Path, overrides: list[str], threads: int) -> dict:
-    """`python -m launch train` in a subprocess, like a user; its progress bar goes to the terminal."""
+    """`python -m launch train` in a subprocess, like a user, into a fresh run directory (a phase that runs
+    again must not resume the old run); its progress bar goes to the terminal."""
+    shutil.rmtree(run_dir, ignore_errors=True)
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else env.get("DS_ACCELERATOR", ""))
     if not env.get("DS_ACCELERATOR"):
@@ -165,10 +167,8 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
                     f"data.image_size={s.image_size}", f"train.seed={s.seed}", *s.overrides_stage1]
     fp1 = _fingerprint(_file_hash(s.autoencoder_config), ae_overrides, counts)
 
-    def stage1() -> dict:
-        shutil.rmtree(ae_run, ignore_errors=True)
-        return _train(s.autoencoder_config, ae_run, ae_overrides, s.threads)
-    ph.run("stage1", "stage one: autoencoder training", fp1, stage1)
+    ph.run("stage1", "stage one: autoencoder training", fp1,
+           lambda: _train(s.autoencoder_config, ae_run, ae_overrides, s.threads))
 
     # 3. export the autoencoder (weights + latent statistics)
     ae_export = out / "stage1_export"
@@ -209,10 +209,8 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
     train2 += [f"data.urls={_shards(latents)}", "data.kind=precomputed", "latents.source=precomputed",
                f"latents.autoencoder={ae_export}"]
 
-    def stage2() -> dict:
-        shutil.rmtree(dm_run, ignore_errors=True)
-        return _train(s.diffusion_config, dm_run, train2, s.threads)
-    ph.run("stage2", "stage two: text-conditioned denoiser training", fp2, stage2)
+    ph.run("stage2", "stage two: text-conditioned denoiser training", fp2,
+           lambda: _train(s.diffusion_config, dm_run, train2, s.threads))
 
     # 7. export stage two (self-contained: the autoencoder is copied in)
     export = out / "export"

@@ -201,9 +201,15 @@ def pack_tokens(context: torch.Tensor, key_mask: Optional[torch.Tensor]) -> Cont
     return PackedTokens(context.reshape(b * n, -1).index_select(0, index), index, b, n)
 
 
-def prepare_context(context: torch.Tensor, key_mask: Optional[torch.Tensor]) -> Context:
-    """What the denoisers hand to their cross-attentions: the caption cast once for autocast, packed."""
-    return pack_tokens(cast_for_autocast(context), key_mask)
+def prepare_context(context: torch.Tensor, key_mask: Optional[torch.Tensor],
+                    project: Optional[nn.Module] = None) -> Context:
+    """What the denoisers hand to their cross-attentions: the caption packed, passed through `project`
+    (a caption projection: real tokens only) and cast once for autocast (every block's keys and values
+    read it; same numbers as per-Linear casts)."""
+    packed = pack_tokens(context, key_mask)
+    if isinstance(packed, PackedTokens):
+        return packed.map(lambda rows: cast_for_autocast(project(rows) if project is not None else rows))
+    return cast_for_autocast(project(packed) if project is not None else packed)
 
 
 def unpack_tokens(context: Context) -> torch.Tensor:

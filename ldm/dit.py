@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention, PackedTokens, cast_for_autocast, pack_tokens
+from .attention import Attention, prepare_context
 from .conditioning import substitute_learned_null
 from .embeddings import TimestepMLP, sincos_pos_embed_2d, timestep_embedding
 
@@ -217,13 +217,8 @@ class DiT(nn.Module):
                 raise ValueError("this DiT cross-attends to text and needs `context` [B, L, context_dim]")
             context, context_mask, pooled = substitute_learned_null(context, context_mask, pooled, drop,
                                                                     self.null_context, self.null_pooled)
-            context = pack_tokens(context.to(tokens.dtype), context_mask)   # padding is never attended
-            if self.caption_proj is not None:
-                context = context.map(self.caption_proj) if isinstance(context, PackedTokens) \
-                    else self.caption_proj(context)
-            # every block's keys and values read it: cast once for autocast (same numbers as per-Linear casts)
-            context = context.map(cast_for_autocast) if isinstance(context, PackedTokens) \
-                else cast_for_autocast(context)
+            # padding is never attended: packed away before the caption projection
+            context = prepare_context(context.to(tokens.dtype), context_mask, self.caption_proj)
         if self.pooled_embed is not None:
             if pooled is None:
                 raise ValueError("this DiT was built with pooled_dim > 0 and needs `pooled`")
