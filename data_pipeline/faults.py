@@ -24,7 +24,7 @@ EMPTY_IMAGE = "empty_image"
 UNDECODABLE_IMAGE = "undecodable_image"
 MISSING_CAPTION = "missing_caption"      # no caption member and no caption in the json
 BAD_JSON = "bad_json"                    # json needed (caption or filters) but not parseable
-MISSING_TENSOR = "missing_tensor"        # precomputed shards: a required .npy member is absent
+MISSING_TENSOR = "missing_tensor"        # precomputed shards: a required array (latent_mean, text_hidden) is absent
 UNDECODABLE_TENSOR = "undecodable_tensor"
 
 REASONS = (UNREADABLE_URL, TRUNCATED_TAR, EMPTY_SHARD, MISSING_IMAGE, EMPTY_IMAGE, UNDECODABLE_IMAGE,

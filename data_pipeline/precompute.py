@@ -10,8 +10,8 @@ once at precompute time, the same samples would always be unconditional (DESIGN.
 Each source shard `NAME.tar` becomes `OUT/NAME.tar` (written to a temporary name, renamed when
 complete; `NAME.tar.empty` when it had no good sample), so a rerun skips finished shards.
 Ranks own fixed slices of the source list; there is
-no torch.distributed here. Arrays are `.npy` members (no pickle); the loader with
-`kind: precomputed` reads them back.
+no torch.distributed here. A sample's arrays are one safetensors member (`{key}.arrays.safetensors`,
+no pickle); the loader with `kind: precomputed` reads them back.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from .config import DataConfig
 from .loader import OnePassLoader
 from .samples import FLIP_SUFFIX
 from .shards import expand_urls, split_by_rank
-from .tensors import npy_bytes
+from .tensors import ARRAYS_MEMBER, arrays_bytes
 
 EncodeImages = Callable[[torch.Tensor], dict]
 EncodeCaptions = Callable[[list], dict]
@@ -143,7 +143,6 @@ def _write_batch(batch: dict, encode_images: EncodeImages, encode_captions: Enco
         record = dict(batch["json"][i])
         record.update(key=key, caption=batch["caption"][i], source_url=batch["url"][i], flip=flip,
                       latent_shape=list(arrays["latent_mean"][i].shape))
-        member = {"__key__": key, "txt": batch["caption"][i].encode(), "json": json.dumps(record).encode()}
-        for name, a in arrays.items():
-            member[f"{name}.npy"] = npy_bytes(a[i])
+        member = {"__key__": key, "txt": batch["caption"][i].encode(), "json": json.dumps(record).encode(),
+                  ARRAYS_MEMBER: arrays_bytes({name: a[i] for name, a in arrays.items()})}
         writer_for(batch["url"][i]).write(member)

@@ -15,7 +15,7 @@ import torch
 from . import faults as F
 from .config import DataConfig
 from .faults import Fault
-from .tensors import npy_load
+from .tensors import ARRAYS_MEMBER, arrays_load, npy_load
 from .transforms import (JsonFilter, decode_to, exif_orientation, make_buckets, nearest_bucket, open_image,
                          original_size, upright_size)
 
@@ -129,14 +129,16 @@ class Decoder:
     def _arrays(self, raw, key, url, caption, meta, rng) -> Sample | Fault:
         arrays = {}
         for member, data in raw.items():
-            if member.endswith(".npy"):
-                try:
+            try:
+                if member == ARRAYS_MEMBER:
+                    arrays.update(arrays_load(data))
+                elif member.endswith(".npy"):
                     arrays[member[:-4]] = npy_load(data)
-                except Exception as e:
-                    return Fault(F.UNDECODABLE_TENSOR, url, key, f"{member}: {type(e).__name__}: {e}")
+            except Exception as e:
+                return Fault(F.UNDECODABLE_TENSOR, url, key, f"{member}: {type(e).__name__}: {e}")
         missing = [n for n in REQUIRED_ARRAYS if n not in arrays]
         if missing:
-            return Fault(F.MISSING_TENSOR, url, key, f"no {', '.join(m + '.npy' for m in missing)}")
+            return Fault(F.MISSING_TENSOR, url, key, f"no {', '.join(missing)} (in {ARRAYS_MEMBER} or as .npy)")
         # Flips were encoded at precompute time as a pair (name, name_flip); pick one per sample.
         flip = rng is not None and self.flip_prob > 0 and rng.random() < self.flip_prob
         out = {}

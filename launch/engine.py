@@ -69,7 +69,10 @@ def make_optimizer(groups: list[dict], opt: OptimizerConfig) -> torch.optim.Opti
         base = g.pop("lr", opt.lr) * g.pop("lr_scale", 1.0)
         g.setdefault("weight_decay", opt.weight_decay)
         prepared.append({**g, "lr": base, "base_lr": base})
-    return torch.optim.AdamW(prepared, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    # foreach: one multi-tensor kernel per update instead of a Python loop over parameters. torch picks it
+    # by itself only for CUDA tensors; on CPU the per-parameter loop cost ~8 ms of a ~190 ms demo step.
+    return torch.optim.AdamW(prepared, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay,
+                             foreach=True)
 
 
 def set_lr(engine, factor: float) -> float:
@@ -93,10 +96,11 @@ def build_engine(module: nn.Module, groups: list[dict], cfg: Config, load_univer
 
 def grads_finite(engine) -> bool:
     """Whether all local gradients are finite. Used for ZeRO-0, where DeepSpeed does not check."""
-    for p in engine.module.parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            return False
-    return True
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    # the inf-norm is NaN/inf exactly when some element is: one foreach reduction, not one check per tensor
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf"), foreach=True)))
 
 
 def discard_gradients(engine) -> None:

@@ -118,3 +118,35 @@ def test_precompute_over_faulty_shards_keeps_exactly_the_good_samples(faulty_sha
     from data_pipeline.inspect import inspect_shards
     report = inspect_shards([str(tmp_path)], pcfg)
     assert report["samples"] == len(keys) and report["bad_total"] == 0 and report["latent_shapes"] == {"4x4x4": len(keys)}
+
+
+def test_precomputed_reader_takes_one_member_npy_members_and_counts_damage(tmp_path):
+    """Precompute writes one safetensors member per sample; shards of `.npy` members (the earlier format)
+    read back to the same arrays; a damaged arrays member is skipped and counted, not fatal."""
+    import numpy as np
+    from webdataset.writer import TarWriter
+
+    from data_pipeline.tensors import ARRAYS_MEMBER, arrays_bytes, npy_bytes
+
+    rng = np.random.default_rng(0)
+    samples = {f"k{i}": {"latent_mean": rng.standard_normal((4, 2, 2)).astype(np.float32),
+                         "text_hidden": rng.standard_normal((3, 5)).astype(np.float32),
+                         "text_mask": np.array([True, True, False])} for i in range(4)}
+    with TarWriter(str(tmp_path / "00000.tar"), encoder=False) as w:
+        for i, (key, arrays) in enumerate(samples.items()):
+            member = {"__key__": key, "txt": b"a red circle on a blue background"}
+            if i % 2:   # the earlier layout: one .npy member per array
+                member.update({f"{n}.npy": npy_bytes(a) for n, a in arrays.items()})
+            else:
+                member[ARRAYS_MEMBER] = arrays_bytes(arrays)
+            w.write(member)
+        w.write({"__key__": "broken", "txt": b"a red circle on a blue background", ARRAYS_MEMBER: b"\x00" * 7})
+    cfg = DataConfig(urls=[str(tmp_path / "00000.tar")], kind="precomputed", num_workers=0, max_bad_fraction=1.0,
+                     fault_log_per_minute=0)
+    loader = build_eval_loader(cfg, cfg.urls, rank=0, world_size=1, batch_size=4)
+    batches = list(loader)
+    assert len(batches) == 1 and loader.fault_counts() == {"undecodable_tensor": 1}
+    b = batches[0]
+    for i, key in enumerate(b["key"]):
+        for name, a in samples[key].items():
+            assert np.array_equal(b[name][i].numpy(), a), (key, name)
