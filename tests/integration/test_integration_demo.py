@@ -38,13 +38,15 @@ def test_demo_runs_every_phase_reports_and_reuses(tmp_path):
     assert json.loads((out / "runs" / "diffusion" / "result.json").read_text())["status"] == "completed"
     assert any("overall ETA" in line for line in logs)
 
-    # a second run reuses every phase but the report; --redo runs the named one again
+    # a second run reuses every phase but the report; --redo runs the named one again and every later one
+    # (new samples must be judged again), reusing those before it
     logs.clear()
     run_demo(settings, log=logs.append)
     assert sum("reused" in line for line in logs) == 9, logs
     logs.clear()
-    run_demo(settings, redo={"adherence"}, log=logs.append)
-    assert not any("prompt adherence" in line and "reused" in line for line in logs)
+    run_demo(settings, redo={"sample"}, log=logs.append)
+    assert sum("reused" in line for line in logs) == 7, logs
+    assert not any(("prompt adherence" in line or "sample from" in line) and "reused" in line for line in logs)
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n")
