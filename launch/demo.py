@@ -83,13 +83,13 @@ class Phases:
         self.timings: dict[str, dict] = {}
         self.t0 = time.time()
         self.done_estimate = 0.0
-        self.ran: list[str] = []
+        self.ran_any = False
 
     def run(self, name: str, title: str, fingerprint: str, fn: Callable[[], dict]) -> dict:
         mark = self.marks / f"{name}.json"
         index = list(self.estimates).index(name) + 1
         remaining = sum(v for k, v in list(self.estimates.items())[index - 1:])
-        if mark.is_file() and "all" not in self.redo and name not in self.redo and not self.ran:
+        if mark.is_file() and "all" not in self.redo and name not in self.redo and not self.ran_any:
             saved = json.loads(mark.read_text())
             if saved.get("fingerprint") == fingerprint:
                 self.log(f"[demo] {index}/{len(self.estimates)} {title}: done before, reused "
@@ -102,8 +102,7 @@ class Phases:
         start = time.time()
         result = fn()
         seconds = round(time.time() - start, 2)
-        if name != "report":     # the report is rewritten every time; it feeds nothing
-            self.ran.append(name)
+        self.ran_any = True
         mark.write_text(json.dumps({"fingerprint": fingerprint, "seconds": seconds, "result": result}, indent=1))
         self.timings[name] = {"seconds": seconds, "reused": False}
         return result

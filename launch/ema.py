@@ -69,9 +69,8 @@ class EMA:
         """Fold the current weights in; call only after an optimizer step that was applied."""
         self.num_updates += 1
         beta = 0.0 if step < self.cfg.start_step else ema_beta(self.cfg, self.num_updates)
-        names = [n for n, _ in self.params]
-        current = [self._current(p).float() for _, p in self.params]
-        torch._foreach_lerp_([self.shadow[n] for n in names], current, 1.0 - beta)  # one multi-tensor op
+        torch._foreach_lerp_([self.shadow[n] for n, _ in self.params],           # one multi-tensor op
+                             [self._current(p).float() for _, p in self.params], 1.0 - beta)
         return beta
 
     # --------------------------------------------------------------------- full weights

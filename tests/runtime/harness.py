@@ -50,12 +50,35 @@ def start(args: list[str], nproc: int = 2, script: Path | str = RUN_TOY, **env) 
                             stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True)
 
 
+def _descendants(pid: int) -> list[int]:
+    """All live descendants of pid (Linux /proc), children first seen first."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
 def kill_hard(proc: subprocess.Popen) -> None:
-    """kill -9 the whole job (torchrun and its workers): no chance to clean up."""
+    """kill -9 the whole job, torchrun and its workers, as Slurm kills a job's cgroup: no chance to clean up.
+    torchrun starts each worker in its own session, so killing torchrun's process group alone would
+    leave the workers running (blocked in a collective, holding memory) after the test."""
+    victims = _descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=60)
 
 
