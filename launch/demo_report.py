@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from .metrics import read_metrics
 
@@ -44,6 +45,25 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f} %"
 
 
+def _sampling(out: Path) -> Optional[dict]:
+    """The settings the scored samples were drawn with (samples/scored/sampling.json), if any."""
+    path = out / "samples" / "scored" / "sampling.json"
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    return {k: d.get(k) for k in ("sampler", "steps", "cfg_scale", "guidance_interval")}
+
+
+def _describe_sampling(d: Optional[dict]) -> str:
+    if not d:
+        return "sampler settings not recorded"
+    text = f"{d['sampler']}, {d['steps']} steps, CFG {d['cfg_scale']:g}"
+    if d.get("guidance_interval"):
+        lo, hi = d["guidance_interval"]
+        text += f" for unit time in [{lo:g}, {hi:g}] (1 = noise), none below"
+    return text
+
+
 def write_report(out: Path, timings: dict, *, counts: dict, recon: dict, adherence: dict, ae_config: dict,
                  holdout: list[str], settings: dict) -> dict:
     curves = loss_curves(out)
@@ -59,6 +79,7 @@ def write_report(out: Path, timings: dict, *, counts: dict, recon: dict, adheren
         "adherence": {"n": adherence["n"], **{k: acc[k] for k in ("color", "shape", "background", "all")}},
         "adherence_held_out": {"n": held.get("n"), **(held.get("accuracy") or {})},
         "adherence_rest": {"n": rest.get("n"), **(rest.get("accuracy") or {})},
+        "sampling": _sampling(out),
         "timings_s": {k: t["seconds"] for k, t in timings.items()},
         "reused": sorted(k for k, t in timings.items() if t.get("reused")),
         "seconds_this_run": round(compute, 1), "seconds_all_phases": round(total, 1),
@@ -71,7 +92,8 @@ def write_report(out: Path, timings: dict, *, counts: dict, recon: dict, adheren
         f"{counts['holdout']} held-out images.", "",
         "## Samples (EMA weights, classifier-free guidance)", "",
         "Four samples per prompt, one prompt per row (see `samples/grid/prompts.json`); the first three "
-        "prompts are held-out triples the denoiser never saw.", "",
+        f"prompts are held-out triples the denoiser never saw. Sampling: {_describe_sampling(summary['sampling'])}.",
+        "",
         "![samples](samples/grid.png)", "",
         "## Stage one: autoencoder", "",
         f"- reconstruction PSNR on held-out images: **{recon['holdout']['psnr']:.2f} dB** "
@@ -119,7 +141,7 @@ def update_readme(out: Path, readme: Path, assets: Path) -> None:
         f"![demo samples]({rel}/demo_grid.png)", "",
         f"- Stage one reconstruction PSNR on held-out images: **{summary['recon_psnr_holdout']:.2f} dB**",
         f"- Prompt adherence over {a['n']} samples: color **{_pct(a['color'])}**, shape **{_pct(a['shape'])}**, "
-        f"background **{_pct(a['background'])}**",
+        f"background **{_pct(a['background'])}** ({_describe_sampling(summary.get('sampling'))})",
         f"- Held-out triples ({h['n']} samples): color {_pct(h.get('color'))}, shape {_pct(h.get('shape'))}, "
         f"background {_pct(h.get('background'))}; seen triples: color {_pct(r.get('color'))}, "
         f"shape {_pct(r.get('shape'))}, background {_pct(r.get('background'))}",

@@ -146,7 +146,8 @@ def sample_export(export_dir: str | Path, prompts: Sequence[str], out_dir: str |
     (out_dir / "prompts.json").write_text(json.dumps(names, indent=1))
     summary = {"export": str(Path(export_dir).resolve()), "step": config.get("step"), "weights": config.get("weights"),
                "num_images": len(items), "prompts": len(prompts), "per_prompt": num, "sampler": sampler,
-               "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "batch_size": batch_size, "device": device,
+               "steps": steps, "cfg_scale": cfg_scale,
+               "guidance_interval": list(s.guidance_interval) if s.guidance_interval else None, "seed": seed, "batch_size": batch_size, "device": device,
                "dtype": dtype, "latent_shape": shape, "seconds": round(time.time() - t0, 3)}
     (out_dir / "sampling.json").write_text(json.dumps(summary, indent=1))
     if grid is not None:

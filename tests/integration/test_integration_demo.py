@@ -37,6 +37,7 @@ def test_demo_runs_every_phase_reports_and_reuses(tmp_path):
         assert (out / path).is_file(), path
     assert json.loads((out / "runs" / "diffusion" / "result.json").read_text())["status"] == "completed"
     assert any("overall ETA" in line for line in logs)
+    assert summary["sampling"]["steps"] == 4 and summary["sampling"]["cfg_scale"] > 1   # what the scores used
 
     # a second run reuses every phase but the report; --redo runs the named one again and every later one
     # (new samples must be judged again), reusing those before it
