@@ -143,7 +143,7 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
     out = s.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     data, runs = out / "data", out / "runs"
-    estimates = {"data": 20, "stage1": 225, "export1": 5, "recon": 5, "precompute": 20, "stage2": 310,
+    estimates = {"data": 20, "stage1": 225, "export1": 5, "recon": 5, "precompute": 20, "stage2": 270,
                  "export2": 5, "sample": 25, "adherence": 5, "report": 5}
     ph = Phases(out, redo or set(), estimates, log)
     holdout = [":".join(t) for t in s.holdout]

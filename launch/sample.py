@@ -57,9 +57,10 @@ def initial_noise(shape: Sequence[int], seed: int, indices: Sequence[int]) -> to
 
 @torch.no_grad()
 def generate_latents(stage, prompts: Sequence[str], indices: Sequence[int], *, seed: int, steps: int,
-                     cfg_scale: float, sampler: str, latent_shape: Sequence[int], dtype: torch.dtype = torch.float32
-                     ) -> torch.Tensor:
-    """Latents (denoiser units, fp32) for one batch of prompts; image indices pick the noise."""
+                     cfg_scale: float, sampler: str, latent_shape: Sequence[int], dtype: torch.dtype = torch.float32,
+                     guidance_interval: Optional[tuple[float, float]] = None) -> torch.Tensor:
+    """Latents (denoiser units, fp32) for one batch of prompts; image indices pick the noise. Guidance applies
+    on `guidance_interval` of unit time (None: everywhere)."""
     from ldm.conditioning import unconditional_like
     from ldm.guidance import guided
     from ldm.samplers import sample
@@ -77,7 +78,7 @@ def generate_latents(stage, prompts: Sequence[str], indices: Sequence[int], *, s
             empty = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
                      for k, v in empty.items()}
         uncond = unconditional_like(cond, stage.conditioning.null_embedding, empty)
-        fn = guided(fn, uncond, cfg_scale, unit_time=stage.objective.unit_time, interval=s.guidance_interval,
+        fn = guided(fn, uncond, cfg_scale, unit_time=stage.objective.unit_time, interval=guidance_interval,
                     rescale=s.guidance_rescale)
     base = fn
 
@@ -94,9 +95,10 @@ def sample_export(export_dir: str | Path, prompts: Sequence[str], out_dir: str |
                   steps: Optional[int] = None, cfg_scale: Optional[float] = None, sampler: Optional[str] = None,
                   seed: int = 0, batch_size: int = 8, device: str = "cpu", dtype: str = "fp32",
                   grid: Optional[str | Path] = None, size: Optional[int] = None, progress: bool = True,
-                  pipeline=None) -> dict:
+                  pipeline=None, guidance_interval: Optional[Sequence[float]] = None) -> dict:
     """Sample `num` images per prompt from an export into `out_dir`. Returns the summary written to
-    DIR/sampling.json. `pipeline` = (stage, config) from `launch.export.load_pipeline` to reuse one."""
+    DIR/sampling.json. `pipeline` = (stage, config) from `launch.export.load_pipeline` to reuse one.
+    `guidance_interval` (lo, hi) overrides the export's; (0, 1) guides every step."""
     from .export import load_pipeline
     from .progress import task_bar
 
@@ -108,6 +110,10 @@ def sample_export(export_dir: str | Path, prompts: Sequence[str], out_dir: str |
         raise ValueError("no prompts")
     if num < 1 or batch_size < 1:
         raise ValueError("num and batch size must be >= 1")
+    if guidance_interval is not None:
+        lo, hi = (float(v) for v in guidance_interval)
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"guidance interval {[lo, hi]}: need 0 <= lo <= hi <= 1 (unit time, 1 = noise)")
     stage, config = pipeline if pipeline is not None else load_pipeline(export_dir, device)
     torch_dtype = SAMPLE_DTYPES[dtype]
     stage.denoiser.to(device=device, dtype=torch_dtype).eval()
@@ -115,6 +121,7 @@ def sample_export(export_dir: str | Path, prompts: Sequence[str], out_dir: str |
     steps = steps or s.steps
     cfg_scale = s.cfg_scale if cfg_scale is None else float(cfg_scale)
     sampler = sampler or s.sampler
+    interval = tuple(float(v) for v in guidance_interval) if guidance_interval is not None else s.guidance_interval
     shape = list(stage.latent_shape)
     if size is not None:
         factor = stage.autoencoder.downsample_factor if stage.autoencoder is not None else 1
@@ -133,7 +140,7 @@ def sample_export(export_dir: str | Path, prompts: Sequence[str], out_dir: str |
             batch = items[start:start + batch_size]
             indices = list(range(start, start + len(batch)))
             z = generate_latents(stage, batch, indices, seed=seed, steps=steps, cfg_scale=cfg_scale,
-                                 sampler=sampler, latent_shape=shape, dtype=torch_dtype)
+                                 sampler=sampler, latent_shape=shape, dtype=torch_dtype, guidance_interval=interval)
             x = stage.decode(z).float().cpu()
             for i, p in zip(indices, batch):
                 names[f"{i:05d}.png"] = p
@@ -147,7 +154,7 @@ def sample_export(export_dir: str | Path, prompts: Sequence[str], out_dir: str |
     summary = {"export": str(Path(export_dir).resolve()), "step": config.get("step"), "weights": config.get("weights"),
                "num_images": len(items), "prompts": len(prompts), "per_prompt": num, "sampler": sampler,
                "steps": steps, "cfg_scale": cfg_scale,
-               "guidance_interval": list(s.guidance_interval) if s.guidance_interval else None, "seed": seed, "batch_size": batch_size, "device": device,
+               "guidance_interval": list(interval) if interval else None, "seed": seed, "batch_size": batch_size, "device": device,
                "dtype": dtype, "latent_shape": shape, "seconds": round(time.time() - t0, 3)}
     (out_dir / "sampling.json").write_text(json.dumps(summary, indent=1))
     if grid is not None:

@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (1: none)")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun", "dpmpp_2m"), default=None)
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only for unit time in [LO, HI] (1 = noise end; 0 1: every step); "
+                        "default: the export's sampling.guidance_interval")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -50,7 +53,8 @@ def run(args) -> int:
         summary = sample_export(args.export_dir, prompts, args.out, num=args.num, steps=args.steps,
                                 cfg_scale=args.cfg, sampler=args.sampler, seed=args.seed,
                                 batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                                grid=args.grid, size=args.size, progress=not args.no_progress)
+                                grid=args.grid, size=args.size, progress=not args.no_progress,
+                                guidance_interval=args.guidance_interval)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"ldm sample: error: {e}", file=sys.stderr)
         return 2

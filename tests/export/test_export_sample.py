@@ -91,3 +91,31 @@ def test_learned_null_dit_export_samples_with_guidance(ae_export, tmp_path):
     img3 = np.asarray(Image.open(tmp_path / "w3" / "00000.png")).astype(int)
     img1 = np.asarray(Image.open(tmp_path / "w1" / "00000.png")).astype(int)
     assert np.abs(img3 - img1).max() > 0        # guidance against the learned null changes the image
+
+
+def _pngs(folder, n):
+    return [np.asarray(Image.open(folder / f"{i:05d}.png")).astype(int) for i in range(n)]
+
+
+def test_guidance_interval_override_guides_only_inside_it(unet_export, tmp_path):
+    pipe = load_pipeline(unet_export)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():   # the toy export barely trained its zero-initialised outputs: give the text a say
+        for p in pipe[0].denoiser.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    kw = dict(num=2, steps=4, sampler="euler", seed=3, batch_size=4, progress=False, pipeline=pipe)
+    sample_export(unet_export, PROMPTS, tmp_path / "cfg1", cfg_scale=1.0, **kw)
+    # no sampling time of 4 Euler steps lies in [0, 1e-6]: guidance 3 is never applied
+    off = sample_export(unet_export, PROMPTS, tmp_path / "off", cfg_scale=3.0, guidance_interval=(0.0, 1e-6), **kw)
+    sample_export(unet_export, PROMPTS, tmp_path / "full", cfg_scale=3.0, guidance_interval=(0.0, 1.0), **kw)
+    sample_export(unet_export, PROMPTS, tmp_path / "default", cfg_scale=3.0, **kw)   # the export guides everywhere
+    cfg1, off_imgs = _pngs(tmp_path / "cfg1", 4), _pngs(tmp_path / "off", 4)
+    full, default = _pngs(tmp_path / "full", 4), _pngs(tmp_path / "default", 4)
+    assert max(int(np.abs(a - b).max()) for a, b in zip(cfg1, off_imgs)) <= 1     # u + 1 * (c - u) rounds
+    assert all((a == b).all() for a, b in zip(full, default))
+    assert np.mean([np.abs(a - b).mean() for a, b in zip(full, cfg1)]) > 1.0       # guidance did act
+    assert off["guidance_interval"] == [0.0, 1e-6]
+    assert json.loads((tmp_path / "default" / "sampling.json").read_text())["guidance_interval"] is None
+    rc, _, err = cli("sample", unet_export, "--prompt", "x", "--guidance-interval", "0.8", "0.2",
+                     "--out", tmp_path / "bad", "--no-progress")
+    assert rc == 2 and "0 <= lo <= hi <= 1" in err
