@@ -60,7 +60,7 @@ def generate_latents(stage, prompts: Sequence[str], indices: Sequence[int], *, s
                      cfg_scale: float, sampler: str, latent_shape: Sequence[int], dtype: torch.dtype = torch.float32,
                      guidance_interval: Optional[tuple[float, float]] = None) -> torch.Tensor:
     """Latents (denoiser units, fp32) for one batch of prompts; image indices pick the noise. Guidance applies
-    on `guidance_interval` of unit time (None: everywhere)."""
+    on `guidance_interval` of unit time (None: the stage's sampling.guidance_interval; (0, 1): every step)."""
     from ldm.conditioning import unconditional_like
     from ldm.guidance import guided
     from ldm.samplers import sample
@@ -78,7 +78,8 @@ def generate_latents(stage, prompts: Sequence[str], indices: Sequence[int], *, s
             empty = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
                      for k, v in empty.items()}
         uncond = unconditional_like(cond, stage.conditioning.null_embedding, empty)
-        fn = guided(fn, uncond, cfg_scale, unit_time=stage.objective.unit_time, interval=guidance_interval,
+        interval = s.guidance_interval if guidance_interval is None else tuple(guidance_interval)
+        fn = guided(fn, uncond, cfg_scale, unit_time=stage.objective.unit_time, interval=interval,
                     rescale=s.guidance_rescale)
     base = fn
 
