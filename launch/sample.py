@@ -111,10 +111,11 @@ def sample_export(export_dir: str | Path, prompts: Sequence[str], out_dir: str |
         raise ValueError("no prompts")
     if num < 1 or batch_size < 1:
         raise ValueError("num and batch size must be >= 1")
-    if guidance_interval is not None:
-        lo, hi = (float(v) for v in guidance_interval)
-        if not 0 <= lo <= hi <= 1:
-            raise ValueError(f"guidance interval {[lo, hi]}: need 0 <= lo <= hi <= 1 (unit time, 1 = noise)")
+    if guidance_interval is not None:   # the config's own rule, checked before loading anything
+        from ldm.config import SamplingConfig
+
+        guidance_interval = tuple(float(v) for v in guidance_interval)
+        SamplingConfig(guidance_interval=guidance_interval).validate()
     stage, config = pipeline if pipeline is not None else load_pipeline(export_dir, device)
     torch_dtype = SAMPLE_DTYPES[dtype]
     stage.denoiser.to(device=device, dtype=torch_dtype).eval()
@@ -122,7 +123,7 @@ def sample_export(export_dir: str | Path, prompts: Sequence[str], out_dir: str |
     steps = steps or s.steps
     cfg_scale = s.cfg_scale if cfg_scale is None else float(cfg_scale)
     sampler = sampler or s.sampler
-    interval = tuple(float(v) for v in guidance_interval) if guidance_interval is not None else s.guidance_interval
+    interval = s.guidance_interval if guidance_interval is None else guidance_interval
     shape = list(stage.latent_shape)
     if size is not None:
         factor = stage.autoencoder.downsample_factor if stage.autoencoder is not None else 1
@@ -154,9 +155,9 @@ def sample_export(export_dir: str | Path, prompts: Sequence[str], out_dir: str |
     (out_dir / "prompts.json").write_text(json.dumps(names, indent=1))
     summary = {"export": str(Path(export_dir).resolve()), "step": config.get("step"), "weights": config.get("weights"),
                "num_images": len(items), "prompts": len(prompts), "per_prompt": num, "sampler": sampler,
-               "steps": steps, "cfg_scale": cfg_scale,
-               "guidance_interval": list(interval) if interval else None, "seed": seed, "batch_size": batch_size, "device": device,
-               "dtype": dtype, "latent_shape": shape, "seconds": round(time.time() - t0, 3)}
+               "steps": steps, "cfg_scale": cfg_scale, "guidance_interval": list(interval) if interval else None,
+               "seed": seed, "batch_size": batch_size, "device": device, "dtype": dtype, "latent_shape": shape,
+               "seconds": round(time.time() - t0, 3)}
     (out_dir / "sampling.json").write_text(json.dumps(summary, indent=1))
     if grid is not None:
         nrow = num if num > 1 else max(1, math.ceil(math.sqrt(len(items))))
