@@ -9,7 +9,7 @@ Plain PyTorch; nothing here knows DeepSpeed, Slurm or wandb.
   discriminator.py  PatchDiscriminator
   loss.py           AutoencoderLoss (NLL + KL/codebook + adaptive GAN; discriminator loss)
   metrics.py        psnr, ssim
-  training.py       AutoencoderStage (launch/stage.py protocol), latent_statistics
+  training.py       AutoencoderStage (launch/runtime/stage.py protocol), latent_statistics
   convert.py        diffusers AutoencoderKL and LDM / SD checkpoint layouts
 
 Names below are imported lazily so `import autoencoder.config` stays cheap.

@@ -1,7 +1,7 @@
 """Configuration of the first stage (the `autoencoder:` and `loss:` sections).
 
 Ranges live in field metadata (ge/gt/le/lt), choices in ``Literal``, cross-field rules in
-``validate()``; ``launch/configio.py`` reads them. Defaults follow the published LDM kl-f8
+``validate()``; ``launch/runtime/configio.py`` reads them. Defaults follow the published LDM kl-f8
 first stage unless a comment says otherwise.
 """
 from __future__ import annotations

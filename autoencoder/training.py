@@ -1,4 +1,4 @@
-"""The first stage as a TrainingStage (see launch/stage.py): modules, parameter groups, losses.
+"""The first stage as a TrainingStage (see launch/runtime/stage.py): modules, parameter groups, losses.
 
 Runtime contract, in short:
   trainable_modules(): {"autoencoder": Autoencoder, "discriminator": PatchDiscriminator}, in that

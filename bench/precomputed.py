@@ -61,7 +61,7 @@ def run(quick: bool = False, threads: Optional[int] = None, dtype: str = "bf16",
     from data_pipeline import DataConfig, build_train_loader
     from data_pipeline.precompute import precompute_shards
     from data_pipeline.synthetic import write_synthetic
-    from launch.precompute import image_encoder
+    from launch.runtime.precompute import image_encoder
     from ldm.config import ConditioningConfig, LatentConfig
     from ldm.objectives import DiscreteDiffusion
     from ldm.training import DiffusionStage

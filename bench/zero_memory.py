@@ -1,7 +1,7 @@
 """ZeRO memory per rank: parameter, gradient and optimizer-state bytes for stages 0-3 at 2 ranks.
 
 A real 2-rank job (`torchrun --nproc_per_node=2`, gloo, DS_ACCELERATOR=cpu) builds the engines through
-`launch/engine.py` and measures what each rank holds after one training step (`bench/zero_worker.py`).
+`launch/runtime/engine.py` and measures what each rank holds after one training step (`bench/zero_worker.py`).
 Beside it, DeepSpeed's own estimator for the same model and 2 devices
 (`estimate_zero2_model_states_mem_needs_all_live` / `estimate_zero3_model_states_mem_needs_all_live`, their
 printed tables kept verbatim, and their per-device numbers without offload). Read the estimator with its

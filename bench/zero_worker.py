@@ -1,12 +1,12 @@
 """One rank of the ZeRO memory benchmark (started by `bench/zero_memory.py` under torchrun, 2 ranks, gloo).
 
-For each ZeRO stage: build the UNet, a real DeepSpeed engine through `launch/engine.py` (torch AdamW, as
+For each ZeRO stage: build the UNet, a real DeepSpeed engine through `launch/runtime/engine.py` (torch AdamW, as
 the runtime does), run one training step, and count the bytes this rank holds:
 - params: the module's parameters as this rank stores them (ZeRO-3: its partition `ds_tensor`);
 - master: fp32 partitions the ZeRO optimizer keeps beside the module (flat copies, stages 1-3);
 - grads: every gradient tensor alive after backward and before the step (p.grad, reduced partitions,
   reduction buckets), unique storages only;
-- optimizer: AdamW state (exp_avg, exp_avg_sq, step), `launch.engine.optimizer_state_bytes`.
+- optimizer: AdamW state (exp_avg, exp_avg_sq, step), `launch.runtime.engine.optimizer_state_bytes`.
 Each rank writes OUT/rank{r}.json. Engines and the process group are destroyed explicitly (gloo can abort
 at interpreter exit otherwise, DESIGN.md §8).
 """
@@ -73,8 +73,8 @@ def grad_bytes(engine, module) -> dict:
 
 
 def measure_stage(stage: int, unet_kw: dict, batch: int, env) -> dict:
-    from launch.config import Config
-    from launch.engine import build_engine, optimizer_state_bytes
+    from launch.runtime.config import Config
+    from launch.runtime.engine import build_engine, optimizer_state_bytes
     from ldm.config import UNetConfig
     from ldm.unet import UNet
 
@@ -106,7 +106,7 @@ def measure_stage(stage: int, unet_kw: dict, batch: int, env) -> dict:
 
 
 def main(argv=None) -> int:
-    from launch import dist as D
+    from launch.runtime import dist as D
 
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)

@@ -1,7 +1,7 @@
 """Configuration of the data pipeline (the `data:` section).
 
 Ranges live in field metadata (ge/gt/le/lt), choices in ``Literal``, cross-field rules in
-``validate()``; ``launch/configio.py`` reads them.
+``validate()``; ``launch/runtime/configio.py`` reads them.
 """
 from __future__ import annotations
 

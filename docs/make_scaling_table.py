@@ -45,7 +45,7 @@ MOSAIC = [  # (what, GPUs we set it beside, published img/s per A100)
 
 def reports() -> list[dict]:
     from launch import plan as P
-    from launch.config import load_config
+    from launch.runtime.config import load_config
 
     out = []
     for title, config, overrides in CASES + [("SD2-base topology, 256 px, precomputed, no checkpointing",

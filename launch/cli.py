@@ -43,7 +43,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .configio import ConfigError
+    from launch.runtime.configio import ConfigError
 
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        torch.set_flush_denormal(True)   # CPU: denormal arithmetic is ~100x slower (launch/train.py)
+        torch.set_flush_denormal(True)   # CPU: denormal arithmetic is ~100x slower (launch/runtime/train.py)
         return int(handlers[args.command].run(args) or 0)
     except ConfigError as e:
         print(f"ldm {args.command}: config error: {e}", file=sys.stderr)

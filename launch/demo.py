@@ -198,8 +198,8 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
     fp2 = _fingerprint(fp1, _file_hash(s.diffusion_config), dm_overrides)
 
     def precompute() -> dict:
-        from launch.config import load_config
-        from launch.precompute import precompute as run_precompute
+        from launch.runtime.config import load_config
+        from launch.runtime.precompute import precompute as run_precompute
 
         shutil.rmtree(latents, ignore_errors=True)
         cfg = load_config(s.diffusion_config, [*dm_overrides, "data.kind=raw"])

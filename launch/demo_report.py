@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .metrics import read_metrics
+from launch.runtime.metrics import read_metrics
 
 README_START, README_END = "<!-- demo:start -->", "<!-- demo:end -->"
 

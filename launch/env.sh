@@ -14,7 +14,7 @@ export LDM_PYTHON
 # DeepSpeed JIT-builds a C++ op on first use: cache it beside the code, not per job.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$LDM_ROOT/.cache/torch_extensions}
 
-# CPU-only nodes: DeepSpeed's CPU accelerator and the gloo backend (chosen in launch/dist.py).
+# CPU-only nodes: DeepSpeed's CPU accelerator and the gloo backend (chosen in launch/runtime/dist.py).
 if [[ -z "${DS_ACCELERATOR:-}" ]] && ! command -v nvidia-smi >/dev/null 2>&1; then
   export DS_ACCELERATOR=cpu
 fi

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import check_complete, step_of
-from .config import Config
-from .configio import build_dataclass, to_plain
+from launch.runtime.checkpoint import check_complete, step_of
+from launch.runtime.config import Config
+from launch.runtime.configio import build_dataclass, to_plain
 
 EXPORT_FORMAT = "ldm-train/1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -113,7 +113,7 @@ def live_weights(ck: RunCheckpoint) -> dict[str, torch.Tensor]:
 def _main_module_keys(ck: RunCheckpoint) -> set[str] | None:
     """State-dict keys of the main module, from a build on the meta device (None if that fails)."""
     try:
-        from .stages import build_models_on_meta
+        from launch.runtime.stages import build_models_on_meta
 
         return set(build_models_on_meta(ck.cfg)[ck.meta["main_module"]].state_dict())
     except Exception:  # an unusual stage: fall back to reading the live weights
@@ -124,7 +124,7 @@ def ema_weights(ck: RunCheckpoint) -> dict[str, torch.Tensor]:
     """EMA parameters (full, fp32) plus what the EMA does not track (buffers, frozen parameters), which
     come from the live weights. When the EMA covers the whole state dict, the (for ZeRO 1-3 costly)
     consolidation of the live weights is skipped."""
-    from .ema import EMA
+    from launch.runtime.ema import EMA
 
     ema_dir = ck.tag_dir / "ema"
     if not ema_dir.is_dir() or not any(ema_dir.glob("rank_*.safetensors")):

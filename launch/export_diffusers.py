@@ -42,7 +42,7 @@ def diffusers_problems(kind: str, denoiser: Optional[Mapping[str, Any]],
     from ldm.config import DenoiserConfig
     from ldm.convert import pixart_incompatibilities
 
-    from .configio import build_dataclass
+    from launch.runtime.configio import build_dataclass
 
     problems = []
     if autoencoder is None:
@@ -88,7 +88,7 @@ def write_vae(folder: Path, ae_cfg_plain: Mapping[str, Any], state: Mapping[str,
     from autoencoder.config import AutoencoderConfig
     from autoencoder.convert import diffusers_config, to_diffusers
 
-    from .configio import build_dataclass
+    from launch.runtime.configio import build_dataclass
 
     cfg = build_dataclass(AutoencoderConfig, dict(ae_cfg_plain), "autoencoder")
     kwargs = diffusers_config(cfg, scaling_factor, shift_factor)
@@ -102,7 +102,7 @@ def write_denoiser(out: Path, denoiser_plain: Mapping[str, Any], state: Mapping[
     from ldm.config import DenoiserConfig
     from ldm.convert import to_diffusers
 
-    from .configio import build_dataclass
+    from launch.runtime.configio import build_dataclass
 
     cfg = build_dataclass(DenoiserConfig, dict(denoiser_plain), "denoiser")
     class_name, kwargs, converted = to_diffusers(state, cfg)

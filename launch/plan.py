@@ -9,7 +9,7 @@ Symbols: P trainable parameters of the denoiser, N data-parallel ranks (= GPUs),
 on the GPU (4 for fp32 and for bf16, which is torch autocast over fp32 weights; 2 for fp16, where
 DeepSpeed keeps half weights), g = w bytes per gradient, r = (N - 1) / N.
 
-Model states per GPU (DeepSpeed 0.19 with a client torch AdamW, as launch/engine.py builds it; the
+Model states per GPU (DeepSpeed 0.19 with a client torch AdamW, as launch/runtime/engine.py builds it; the
 ZeRO optimizers keep an fp32 master partition even when the weights are fp32 already):
 
     stage  params             grads (after backward)     optimizer                 buffers
@@ -22,7 +22,7 @@ ZeRO optimizers keep an fp32 master partition even when the weights are fp32 alr
   `stage3_param_persistence_threshold` elements, which every rank keeps whole. ZeRO-1 keeps
   full-size gradients (g P) while it accumulates and until the boundary's reduction; fp16 adds the
   fp32 copy of the gradient partition during the step (4 P/N), as DeepSpeed's own estimator counts.
-  EMA (fp32, launch/ema.py): 4 P, or 4 P/N under ZeRO-3.
+  EMA (fp32, launch/runtime/ema.py): 4 P, or 4 P/N under ZeRO-3.
   Transients: ZeRO-3 gathers parameters for compute and, with DeepSpeed's default
   stage3_max_reuse_distance R = 1e9, keeps those reused within R elements gathered from forward to
   backward: w * min(P - P_pers, R/2 + largest layer). bf16 autocast caches a bf16 copy of every
@@ -325,16 +325,16 @@ def describe(cfg, policy: str = "cuda") -> Description:
     from ldm.objectives import build_objective
     from ldm.training import DiffusionStage
 
-    from . import stages
-    from .configio import ConfigError
-    from .engine import deepspeed_config
+    from launch.runtime import stages
+    from launch.runtime.configio import ConfigError
+    from launch.runtime.engine import deepspeed_config
 
     if cfg.stage != "diffusion":
         raise ConfigError("ldm plan models stage-two (diffusion) configs; this one is stage: "
                           f"{cfg.stage!r}")
     notes: list[str] = []
     den = stages.build_models_on_meta(cfg)["denoiser"]
-    # the DeepSpeed config as launch/engine.py writes it, read at stage 3 so that every ZeRO key is present
+    # the DeepSpeed config as launch/runtime/engine.py writes it, read at stage 3 so that every ZeRO key is present
     ds = deepspeed_config(dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, zero_stage=3)))
     zero = dict(ds.get("zero_optimization", {}))
     zero["overlap_comm"] = bool(deepspeed_config(cfg).get("zero_optimization", {}).get("overlap_comm", False))
@@ -390,7 +390,7 @@ def _autoencoder_config(cfg, latent):
     """The first stage's architecture: from the export's config.json when it is there, else LDM kl-f8."""
     from autoencoder.config import AutoencoderConfig
 
-    from .configio import build_dataclass
+    from launch.runtime.configio import build_dataclass
 
     path = cfg.latents.autoencoder
     if path and (Path(path) / "config.json").is_file():

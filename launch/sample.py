@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .images import save_grid, save_images
+from launch.runtime.images import save_grid, save_images
 
 SAMPLE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,7 +101,7 @@ def sample_export(export_dir: str | Path, prompts: Sequence[str], out_dir: str |
     DIR/sampling.json. `pipeline` = (stage, config) from `launch.export.load_pipeline` to reuse one.
     `guidance_interval` (lo, hi) overrides the export's; (0, 1) guides every step."""
     from .export import load_pipeline
-    from .progress import task_bar
+    from launch.runtime.progress import task_bar
 
     if dtype not in SAMPLE_DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(SAMPLE_DTYPES)}")

@@ -38,7 +38,7 @@
 #
 # Alternative without torchrun: one srun task per GPU, e.g.
 #   srun --ntasks-per-node=8 --gpus-per-task=1 --cpus-per-task=8 .venv/bin/python -m launch train CONFIG
-# inside an allocation with --ntasks-per-node=8; launch/dist.py then takes rank and world size
+# inside an allocation with --ntasks-per-node=8; launch/runtime/dist.py then takes rank and world size
 # from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and the first node of the job as the address.
 # There srun's signal forwarding reaches the training processes directly.
 #

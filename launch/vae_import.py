@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from .configio import to_plain
+from launch.runtime.configio import to_plain
 from .export import (CONFIG_FILE, DTYPES, EXPORT_FORMAT, WEIGHTS_FILE, ExportError, clear_previous_export,
                      write_safetensors)
 

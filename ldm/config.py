@@ -1,6 +1,6 @@
 """Configuration of the second stage (denoiser, text encoder, objective, conditioning, latents, sampling).
 
-Each dataclass is one YAML section; `launch/configio.py` builds them and checks ranges
+Each dataclass is one YAML section; `launch/runtime/configio.py` builds them and checks ranges
 (field metadata), choices (`Literal`) and `validate()` rules, naming the dotted key on error.
 Rules that span sections (for example `conditioning.null_embedding: learned` needing
 `denoiser.learned_null_tokens > 0`) are checked when the stage is built (`ldm.training`).

@@ -1,4 +1,4 @@
-"""Stage two as a `launch/stage.py` TrainingStage: a text-conditioned denoiser trained on latents.
+"""Stage two as a `launch/runtime/stage.py` TrainingStage: a text-conditioned denoiser trained on latents.
 
 Batches (docs/CONTRIBUTING.md), either kind, in any mix of keys:
 - raw: `image` [B,3,H,W] in [-1,1] is encoded online by the frozen autoencoder passed in;

@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report) if args.json else format_report(report))
         return 0
     if args.data_command == "precompute":
-        from launch.config import load_config
-        from launch.precompute import precompute
+        from launch.runtime.config import load_config
+        from launch.runtime.precompute import precompute
 
         cfg = load_config(args.config, args.overrides)
         summary = precompute(cfg, args.autoencoder, args.out, batch_size=args.batch_size, flip=args.flip,

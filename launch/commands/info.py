@@ -22,8 +22,8 @@ def count(module) -> dict:
 
 
 def run(args) -> int:
-    from launch import stages
-    from launch.config import load_config
+    from launch.runtime import stages
+    from launch.runtime.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     models = stages.build_models_on_meta(cfg)

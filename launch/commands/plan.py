@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from launch import plan as P
-    from launch.config import load_config
-    from launch.configio import ConfigError
+    from launch.runtime.config import load_config
+    from launch.runtime.configio import ConfigError
 
     for name in ("gpus", "nodes", "global_batch"):
         v = getattr(args, name)

@@ -22,21 +22,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from launch.config import load_config
-    from launch.configio import dump_yaml
+    from launch.runtime.config import load_config
+    from launch.runtime.configio import dump_yaml
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         sys.stdout.write(dump_yaml(cfg))
         return 0
-    from launch import stages
-    from launch.engine import check_runtime_config
+    from launch.runtime import stages
+    from launch.runtime.engine import check_runtime_config
 
     check_runtime_config(cfg)
     stages.check(cfg)
     if args.check_config:
         return 0
-    from launch.train import run_training
+    from launch.runtime.train import run_training
 
     result = run_training(cfg, stages.build_stage, stages.build_data, stages.eval_module_factory(cfg),
                           stats_data=stages.stats_data_factory(cfg))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.config import ConfigError, load_config
+from launch.runtime.config import ConfigError, load_config
 
 CONFIGS = ["kl-f8", "vq-f4", "kl-f4-small", "vq-f4-small"]
 

@@ -6,7 +6,7 @@ import torch
 from autoencoder.config import AutoencoderConfig
 from autoencoder.distributions import DiagonalGaussian
 from autoencoder.model import AttnBlock, build_autoencoder, count_parameters
-from launch.config import load_config
+from launch.runtime.config import load_config
 
 from ae_helpers import tiny_kl
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from autoencoder.training import AutoencoderStage, frozen, latent_statistics, unwrap
-from launch.config import load_config
+from launch.runtime.config import load_config
 
 from ae_helpers import shapes_batch, tiny_kl, tiny_loss
 

@@ -138,7 +138,7 @@ def test_decoder_filters_are_not_faults():
 
 
 def test_config_validation_through_configio():
-    from launch.configio import ConfigError, build_dataclass
+    from launch.runtime.configio import ConfigError, build_dataclass
 
     cfg = build_dataclass(DataConfig, {"sources": [{"urls": "a.tar", "weight": 2}, {"urls": ["b.tar"]}],
                                        "json_filters": ["punsafe < 0.1"], "batches_per_epoch": 10}, "data")

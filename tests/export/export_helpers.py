@@ -53,8 +53,8 @@ def make_dit_export(out: Path, autoencoder: Path, *, pooled: bool = True) -> Pat
 
     import torch
 
-    from launch.config import load_config
-    from launch.configio import to_plain
+    from launch.runtime.config import load_config
+    from launch.runtime.configio import to_plain
     from launch.export import EXPORT_FORMAT, write_safetensors, write_text_encoder
     from ldm.training import build_denoiser
 

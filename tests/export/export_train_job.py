@@ -1,6 +1,6 @@
 """Test job: `python export_train_job.py CONFIG key=value ...`, alone or under torchrun.
 
-Trains exactly as `ldm train` does (launch.stages + Trainer over DeepSpeed), then writes the main
+Trains exactly as `ldm train` does (launch.runtime.stages + Trainer over DeepSpeed), then writes the main
 module's weights gathered IN-PROCESS (Trainer.full_main_state: EMA and live) to
 RUN_DIR/inproc_{ema,live}.safetensors, for comparison with what `ldm export` reads from the checkpoint."""
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from launch import dist as D
-from launch import stages
-from launch.config import load_config
-from launch.train import Trainer, seed_everything
+from launch.runtime import dist as D
+from launch.runtime import stages
+from launch.runtime.config import load_config
+from launch.runtime.train import Trainer, seed_everything
 
 
 def main() -> int:

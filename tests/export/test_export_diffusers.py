@@ -71,7 +71,7 @@ def test_autoencoder_run_writes_vae_only_with_its_latent_statistics(ae_run, ae_e
 def test_pixart_form_dit_loads_as_pixart_transformer(tmp_path):
     from launch.export_diffusers import write_denoiser
     from ldm.config import DenoiserConfig, DiTConfig
-    from launch.configio import to_plain
+    from launch.runtime.configio import to_plain
     from ldm.dit import DiT
 
     cfg = DenoiserConfig(kind="dit", dit=DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4,
@@ -97,8 +97,8 @@ def test_pixart_form_dit_loads_as_pixart_transformer(tmp_path):
 def test_models_diffusers_cannot_express_are_refused_before_writing(unet_run, tmp_path):
     import shutil
 
-    from launch.config import load_config
-    from launch.configio import to_plain
+    from launch.runtime.config import load_config
+    from launch.runtime.configio import to_plain
     from launch.export import export_run
     from launch.export_diffusers import diffusers_problems
 

@@ -6,8 +6,8 @@ from typing import Literal, Optional
 
 import pytest
 
-from launch.config import Config, load_config
-from launch.configio import ConfigError, apply_overrides, build_dataclass, config_hash, dump_yaml, parse_override
+from launch.runtime.config import Config, load_config
+from launch.runtime.configio import ConfigError, apply_overrides, build_dataclass, config_hash, dump_yaml, parse_override
 
 MINIMAL = {"stage": "diffusion", "run_dir": "runs/x"}
 

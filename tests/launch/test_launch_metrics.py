@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from launch.metrics import MetricsWriter, WandbLogger, read_metrics, scrub_secrets
+from launch.runtime.metrics import MetricsWriter, WandbLogger, read_metrics, scrub_secrets
 
 
 def test_truncate_after_keeps_each_step_once(tmp_path):

@@ -33,7 +33,7 @@ def perturb(module, scale=0.02, seed=0):
 
 
 def load(name):
-    from launch.config import load_config
+    from launch.runtime.config import load_config
     return load_config(REPO / "configs" / "ldm" / name)
 
 
@@ -234,7 +234,7 @@ def test_activation_checkpointing_gives_the_same_gradients(kind):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_configs_load_and_build_on_meta(path):
-    from launch.config import load_config
+    from launch.runtime.config import load_config
     cfg = load_config(path)
     assert cfg.stage == "diffusion" and cfg.run_dir == f"runs/{path.stem}"
     with torch.device("meta"):

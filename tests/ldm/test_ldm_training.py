@@ -1,4 +1,4 @@
-"""DiffusionStage against launch/stage.py, with plain modules as `nets` and torch AdamW (no DeepSpeed)."""
+"""DiffusionStage against launch/runtime/stage.py, with plain modules as `nets` and torch AdamW (no DeepSpeed)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -205,7 +205,7 @@ def test_preview_samples_for_captions(text_encoder, kind, null):
 
 
 def test_stage_from_the_small_configs():
-    from launch.config import load_config
+    from launch.runtime.config import load_config
     for name in ("unet-small.yaml", "dit-small.yaml"):
         cfg = load_config(REPO / "configs" / "ldm" / name)
         stage = DiffusionStage.from_config(cfg)

@@ -1,7 +1,7 @@
 """Job for tests/plan/test_plan_model_states.py: `python plan_state_job.py OUT_DIR [key=value ...]`, alone or
 under torchrun, with PLAN_MODELS="name:config.yaml,..." (and PLAN_ZERO_STAGES="0,1,2,3"). For each model and
 ZeRO stage it builds the config's denoiser into a real DeepSpeed engine
-through launch/engine.py (the stage's own parameter groups, torch AdamW) and an EMA through launch/ema.py,
+through launch/runtime/engine.py (the stage's own parameter groups, torch AdamW) and an EMA through launch/runtime/ema.py,
 runs two optimizer steps so every lazily created buffer exists, then one more step's micro-steps. After a
 non-boundary micro-step's backward it records what gradient accumulation holds ("accumulating"); after the
 boundary's backward (gradients reduced, step not yet taken: gradients and optimizer state both alive) it
@@ -21,10 +21,10 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from launch import dist as D  # noqa: E402
-from launch.config import load_config  # noqa: E402
-from launch.ema import EMA  # noqa: E402
-from launch.engine import build_engine  # noqa: E402
+from launch.runtime import dist as D  # noqa: E402
+from launch.runtime.config import load_config  # noqa: E402
+from launch.runtime.ema import EMA  # noqa: E402
+from launch.runtime.engine import build_engine  # noqa: E402
 from launch.plan_measure import denoiser_inputs, engine_state_bytes, live_tensor_bytes  # noqa: E402
 
 

@@ -8,7 +8,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def load(name: str, *overrides: str):
     """A config from configs/ by its path under configs/ (without .yaml), with overrides."""
-    from launch.config import load_config
+    from launch.runtime.config import load_config
 
     return load_config(REPO / "configs" / f"{name}.yaml", list(overrides))
 

@@ -19,7 +19,7 @@ def _plan(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def sd15_desc():
-    from launch.config import load_config
+    from launch.runtime.config import load_config
 
     return P.describe(load_config(REPO / "configs/ldm/unet-sd15.yaml", []))
 

@@ -1,5 +1,5 @@
 """Model-state bytes per rank: launch/plan.py's ZeRO model against a live DeepSpeed engine on CPU (1 and 2
-ranks, ZeRO 0-3, a small UNet and a small DiT, built through launch/engine.py by plan_state_job.py), and
+ranks, ZeRO 0-3, a small UNet and a small DiT, built through launch/runtime/engine.py by plan_state_job.py), and
 against DeepSpeed's own estimators."""
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def test_plan_scaling_rows_are_ldm_plan_output(capsys):
     assert rc == 0
     cli = json.loads(capsys.readouterr().out)
     from launch import plan as P
-    from launch.config import load_config
+    from launch.runtime.config import load_config
 
     row = P.plan(P.describe(load_config(REPO / config, overrides)), 128, global_batch=mod.GLOBAL_BATCH)
     assert cli["batch"] == row["batch"]

@@ -11,9 +11,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from launch import dist as D  # noqa: E402
-from launch.config import load_config  # noqa: E402
-from launch.train import Trainer, seed_everything  # noqa: E402
+from launch.runtime import dist as D  # noqa: E402
+from launch.runtime.config import load_config  # noqa: E402
+from launch.runtime.train import Trainer, seed_everything  # noqa: E402
 from toy import ToyData, ToyStage  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def main() -> int:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / f"pid_rank{env.rank}").write_text(str(__import__("os").getpid()))
         result = trainer.run()
-        from launch.engine import optimizer_state_bytes
+        from launch.runtime.engine import optimizer_state_bytes
         (Path(run_dir) / f"optim_bytes_rank{env.rank}.json").write_text(
             __import__("json").dumps({"bytes": optimizer_state_bytes(trainer.main), "status": result.status,
                                       "exit_code": result.exit_code}))

@@ -165,7 +165,7 @@ class Trainer:
             self.window = LogWindow(rank_state.get("window"))
             self.counters.update(rank_state.get("counters", {}))
         else:
-            # Another world size (see launch/universal.py): RNG streams keyed by (seed, resume step, rank);
+            # Another world size (see launch/runtime/universal.py): RNG streams keyed by (seed, resume step, rank);
             # the loader is handed rank 0's old position, which it cannot continue at a new world size,
             # so it starts the epoch after that one (shard order is a function of seed, epoch, rank, worker).
             seed_everything(self.cfg.train.seed * 1_000_003 + step * 7919 + self.env.rank + 1)

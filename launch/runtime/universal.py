@@ -9,7 +9,7 @@ Flow on a start whose newest checkpoint was written by a different number of ran
 rank 0 converts `checkpoints/<tag>/<engine>` into `checkpoints/<tag>_universal/<engine>`
 (once; a COMPLETE marker makes it reusable), writes `checkpoints/latest_universal`, all ranks
 build their engines with `load_universal` on and load. ZeRO-0 checkpoints hold full states and
-load directly at any world size. The EMA is re-partitioned from its saved pieces (launch/ema.py).
+load directly at any world size. The EMA is re-partitioned from its saved pieces (launch/runtime/ema.py).
 
 Data position rule across a world-size change: per-rank positions have no meaning for a new
 set of ranks, so each rank starts a fresh data stream and RNG keyed by (train.seed, resume

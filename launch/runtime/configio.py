@@ -1,7 +1,7 @@
 """YAML <-> typed dataclasses, with errors that name the key, the value and what is allowed.
 
 Section dataclasses live next to the code they configure (``data_pipeline.config``,
-``autoencoder.config``, ``ldm.config``, ``launch.config``) and import nothing from here.
+``autoencoder.config``, ``ldm.config``, ``launch.runtime.config``) and import nothing from here.
 They declare ranges through field metadata, which this module reads:
 
     steps: int = field(default=10, metadata={"ge": 1})          # >= 1
