@@ -53,19 +53,24 @@ def parse_triple(text: str | Sequence[str]) -> Triple:
     return color, shape, background
 
 
-def draw(color: str, shape: str, background: str, size: int, rng: random.Random) -> tuple[Image.Image, dict]:
-    side = min(size, max(1, round(rng.uniform(*SIZE_RANGE) * size)))
-    x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
-    x1, y1 = x0 + side - 1, y0 + side - 1  # inclusive corners, inside [0, size - 1]
-    img = Image.new("RGB", (size, size), COLORS[background])
-    pen = ImageDraw.Draw(img)
-    fill = COLORS[color]
+def draw_shape(pen: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
+               fill: tuple[int, int, int]) -> None:
+    """One filled shape in the inclusive box (x0, y0, x1, y1); triangles apex up. Shared by both tiers."""
+    x0, y0, x1, y1 = box
     if shape == "circle":
         pen.ellipse((x0, y0, x1, y1), fill=fill)
     elif shape == "square":
         pen.rectangle((x0, y0, x1, y1), fill=fill)
     else:
         pen.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+
+
+def draw(color: str, shape: str, background: str, size: int, rng: random.Random) -> tuple[Image.Image, dict]:
+    side = min(size, max(1, round(rng.uniform(*SIZE_RANGE) * size)))
+    x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
+    x1, y1 = x0 + side - 1, y0 + side - 1  # inclusive corners, inside [0, size - 1]
+    img = Image.new("RGB", (size, size), COLORS[background])
+    draw_shape(ImageDraw.Draw(img), shape, (x0, y0, x1, y1), COLORS[color])
     attrs = {"color": color, "shape": shape, "background": background,
              "bbox": [x0, y0, x1 + 1, y1 + 1], "size_fraction": side / size}
     return img, attrs
@@ -103,15 +108,27 @@ def iter_synthetic(num: int, *, size: int, seed: int = 0, exclude: Sequence = ()
 
 def write_synthetic(out_dir: str | os.PathLike, num: int, *, size: int = 64, seed: int = 0, shard_size: int = 1000,
                     image_format: str = "png", exclude: Sequence = (), only: Sequence = (),
-                    max_shard_bytes: Optional[int] = None) -> dict:
-    """Write `num` samples as img2dataset-layout shards; deterministic for (num, size, seed, exclude, only)."""
+                    max_shard_bytes: Optional[int] = None, tier: str = "shapes") -> dict:
+    """Write `num` samples as img2dataset-layout shards; deterministic for (num, size, seed, exclude, only).
+
+    tier 'shapes': one shape per image, exclude/only hold COLOR:SHAPE:BACKGROUND triples; tier
+    'compositional' (data_pipeline.compositional): exclude/only hold its held-out items (HoldOut.parse)."""
     if size < 8:
         raise ValueError(f"size must be >= 8, got {size}")
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be png or jpg, got {image_format!r}")
+    if tier == "shapes":
+        samples = iter_synthetic(num, size=size, seed=seed, exclude=exclude, only=only)
+        excluded, only_items = [list(parse_triple(t)) for t in exclude], [list(parse_triple(t)) for t in only]
+    elif tier == "compositional":
+        from .compositional import HoldOut, iter_compositional
+
+        samples = iter_compositional(num, size=size, seed=seed, exclude=exclude, only=only)
+        excluded, only_items = HoldOut.parse(exclude).items(), HoldOut.parse(only).items()
+    else:
+        raise ValueError(f"tier must be shapes or compositional, got {tier!r}")
     with ShardWriter(out_dir, shard_size=shard_size, max_shard_bytes=max_shard_bytes) as writer:
-        for i, (img, caption, attrs) in enumerate(iter_synthetic(num, size=size, seed=seed, exclude=exclude,
-                                                                 only=only)):
+        for i, (img, caption, attrs) in enumerate(samples):
             buf = io.BytesIO()
             if image_format == "png":
                 img.save(buf, "PNG", compress_level=1)
@@ -120,6 +137,5 @@ def write_synthetic(out_dir: str | os.PathLike, num: int, *, size: int = 64, see
             meta = {"url": f"synthetic://{seed}/{i}", "width": size, "height": size, **attrs}
             writer.write(image=buf.getvalue(), ext=image_format, caption=caption, meta=meta)
     summary = writer.close()
-    summary.update(size=size, seed=seed, image_format=image_format,
-                   excluded=[list(parse_triple(t)) for t in exclude], only=[list(parse_triple(t)) for t in only])
+    summary.update(size=size, seed=seed, image_format=image_format, tier=tier, excluded=excluded, only=only_items)
     return summary
