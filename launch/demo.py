@@ -239,7 +239,7 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
     holdout_prompts = [f"a {c} {sh} on a {b} background" for c, sh, b in s.holdout]
 
     def sample() -> dict:
-        from launch.export import load_pipeline
+        from launch.runtime.exportdir import load_pipeline
         from launch.sample import sample_export
 
         shutil.rmtree(samples, ignore_errors=True)

@@ -107,7 +107,7 @@ def recon_metrics(export_dir: str | Path, urls: Sequence[str], *, batch_size: in
     from data_pipeline.config import DataConfig
     from data_pipeline.loader import build_eval_loader
 
-    from .export import load_autoencoder
+    from launch.runtime.exportdir import load_autoencoder
     from launch.runtime.progress import task_bar
 
     ae, config = load_autoencoder(export_dir, device)

@@ -72,7 +72,7 @@ def diffusers_problems(kind: str, denoiser: Optional[Mapping[str, Any]],
 
 def _write_model(folder: Path, class_name: str, kwargs: dict, state: Mapping[str, torch.Tensor], dtype: str,
                  metadata: dict) -> Path:
-    from .export import write_safetensors
+    from launch.runtime.exportdir import write_safetensors
 
     folder.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": class_name, "_diffusers_version": _diffusers_version(), **kwargs}
@@ -114,7 +114,7 @@ def write_denoiser(out: Path, denoiser_plain: Mapping[str, Any], state: Mapping[
 def write_diffusers(out: Path, config: dict, state: Mapping[str, torch.Tensor], dtype: str) -> dict:
     """Write the diffusers folders for an export whose native files are already in OUT. Returns a
     summary for config.json: {subfolder: class name}."""
-    from .export import autoencoder_path, read_export
+    from launch.runtime.exportdir import autoencoder_path, read_export
 
     meta = {"ldm_step": str(config.get("step")), "ldm_config_hash": str(config.get("config_hash")),
             "ldm_weights": str(config.get("weights"))}

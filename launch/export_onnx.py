@@ -77,7 +77,7 @@ class GuidedDenoiser(nn.Module):
 
     @classmethod
     def from_stage(cls, stage) -> "GuidedDenoiser":
-        """From a `DiffusionStage` (as `launch.export.load_pipeline` builds it)."""
+        """From a `DiffusionStage` (as `launch.runtime.exportdir.load_pipeline` builds it)."""
         from ldm.conditioning import fit_tokens
 
         empty = None
@@ -197,7 +197,7 @@ def export_onnx(export_dir: str | Path, *, check: bool = True, tolerance: float 
     """Write OUT/onnx/{denoiser,vae_decoder}.onnx (a stage-two export) or OUT/onnx/vae_decoder.onnx (an
     autoencoder export) from the native files already in OUT, check them in onnxruntime at batch sizes
     other than the traced one, and write OUT/onnx/onnx.json. Raises when a check exceeds `tolerance`."""
-    from .export import CONFIG_FILE, ExportError, load_autoencoder, load_pipeline
+    from launch.runtime.exportdir import CONFIG_FILE, ExportError, load_autoencoder, load_pipeline
 
     export_dir = Path(export_dir)
     config = json.loads((export_dir / CONFIG_FILE).read_text())

@@ -98,9 +98,9 @@ def sample_export(export_dir: str | Path, prompts: Sequence[str], out_dir: str |
                   grid: Optional[str | Path] = None, size: Optional[int] = None, progress: bool = True,
                   pipeline=None, guidance_interval: Optional[Sequence[float]] = None) -> dict:
     """Sample `num` images per prompt from an export into `out_dir`. Returns the summary written to
-    DIR/sampling.json. `pipeline` = (stage, config) from `launch.export.load_pipeline` to reuse one.
+    DIR/sampling.json. `pipeline` = (stage, config) from `launch.runtime.exportdir.load_pipeline` to reuse one.
     `guidance_interval` (lo, hi) overrides the export's; (0, 1) guides every step."""
-    from .export import load_pipeline
+    from launch.runtime.exportdir import load_pipeline
     from launch.runtime.progress import task_bar
 
     if dtype not in SAMPLE_DTYPES:

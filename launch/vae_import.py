@@ -23,8 +23,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from launch.runtime.configio import to_plain
-from .export import (CONFIG_FILE, DTYPES, EXPORT_FORMAT, WEIGHTS_FILE, ExportError, clear_previous_export,
-                     write_safetensors)
+from launch.runtime.exportdir import (CONFIG_FILE, DTYPES, EXPORT_FORMAT, WEIGHTS_FILE, ExportError,
+                                      clear_previous_export, write_safetensors)
 
 
 def read_weights(path: str | Path) -> dict[str, Any]:

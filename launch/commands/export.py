@@ -64,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import warnings
 
-    from launch.export import ExportError, export_run
+    from launch.export import export_run
+    from launch.runtime.exportdir import ExportError
 
     importing = args.from_ldm_vae or args.from_diffusers_vae
     want = 1 if importing else 2

@@ -45,7 +45,7 @@ def precompute(cfg: Config, autoencoder_dir: str | Path, out: str | Path, *, bat
     from data_pipeline.shards import expand_urls
     from ldm.text import build_text_encoder
 
-    from launch.export import load_autoencoder
+    from .exportdir import load_autoencoder
 
     rank, world = _rank_world()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

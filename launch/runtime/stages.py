@@ -87,7 +87,7 @@ def build_stage(cfg: Config):
 
     autoencoder, ae_config = None, None
     if cfg.latents.autoencoder is not None:
-        from launch.export import load_autoencoder
+        from .exportdir import load_autoencoder
 
         autoencoder, ae_config = load_autoencoder(cfg.latents.autoencoder)
     elif cfg.data.kind == "precomputed":

@@ -55,7 +55,8 @@ def make_dit_export(out: Path, autoencoder: Path, *, pooled: bool = True) -> Pat
 
     from launch.runtime.config import load_config
     from launch.runtime.configio import to_plain
-    from launch.export import EXPORT_FORMAT, write_safetensors, write_text_encoder
+    from launch.export import write_text_encoder
+    from launch.runtime.exportdir import EXPORT_FORMAT, write_safetensors
     from ldm.training import build_denoiser
 
     cfg = load_config(REPO / "configs/ldm/dit-small.yaml",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from export_helpers import cli
-from launch.export import ExportError, load_autoencoder, load_pipeline
+from launch.runtime.exportdir import ExportError, load_autoencoder, load_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 TOL = 1e-4

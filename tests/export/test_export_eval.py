@@ -210,7 +210,7 @@ def test_clip_score_uses_the_weights_file_and_matches_a_direct_computation(tiny_
 
 def test_recon_metrics_on_an_autoencoder_export(ae_export, synth_data, tmp_path):
     from launch.evaluate import recon_metrics, reconstruct
-    from launch.export import load_autoencoder
+    from launch.runtime.exportdir import load_autoencoder
 
     rc, out, err = cli("eval", "recon", ae_export, f"{synth_data}/00000.tar", "--max-samples", "20", "--lpips", "off",
                        "--json", "--out", tmp_path / "r.json")
@@ -251,7 +251,7 @@ def test_recon_lpips_with_a_vgg16_file(ae_export, synth_data, tmp_path):
     from data_pipeline.config import DataConfig
     from data_pipeline.loader import build_eval_loader
     from launch.evaluate import recon_metrics, reconstruct
-    from launch.export import load_autoencoder
+    from launch.runtime.exportdir import load_autoencoder
 
     with torch.device("meta"):
         layout = torchvision.models.vgg16().features.state_dict()

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from launch.export import load_pipeline  # noqa: E402
+from launch.runtime.exportdir import load_pipeline  # noqa: E402
 from launch.export_onnx import denoiser_inputs, export_onnx, ort_session  # noqa: E402
 
 TOL = 1e-3
@@ -108,7 +108,8 @@ def test_learned_null_pooled_dit_graph_matches_pytorch(ae_export, tmp_path):
 
 
 def test_autoencoder_run_exports_its_decoder_only(ae_run, tmp_path):
-    from launch.export import export_run, load_autoencoder
+    from launch.export import export_run
+    from launch.runtime.exportdir import load_autoencoder
 
     out = export_run(ae_run, tmp_path / "ae", fmt="onnx")
     config = json.loads((out / "config.json").read_text())

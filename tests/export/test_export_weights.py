@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from export_helpers import cli, ldm
-from launch.export import (ExportError, export_metadata, export_run, live_weights, load_autoencoder,
-                           load_text_encoder, open_run, read_export)
+from launch.export import export_run, live_weights, open_run
+from launch.runtime.exportdir import ExportError, export_metadata, load_autoencoder, load_text_encoder, read_export
 
 
 def _equal_bits(a: dict, b: dict) -> None:
