@@ -177,7 +177,7 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
     ae_export = out / "stage1_export"
 
     def export1() -> dict:
-        from launch.export import export_run
+        from launch.interop.export import export_run
 
         export_run(ae_run, ae_export)
         return json.loads((ae_export / "config.json").read_text())
@@ -219,7 +219,7 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
     export = out / "export"
 
     def export2() -> dict:
-        from launch.export import export_run
+        from launch.interop.export import export_run
 
         if export.exists():
             shutil.rmtree(export)
@@ -240,7 +240,7 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
 
     def sample() -> dict:
         from launch.runtime.exportdir import load_pipeline
-        from launch.sample import sample_export
+        from launch.interop.sample import sample_export
 
         shutil.rmtree(samples, ignore_errors=True)
         pipeline = load_pipeline(export, "cpu")

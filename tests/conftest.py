@@ -48,7 +48,7 @@ def tiny_world(tmp_path_factory) -> dict:
                   "train.precision=fp32", "autoencoder.latent_stats_batches=2", "data.num_workers=0"],
                  nproc=1, script=H.LDM)
     H.assert_ok(proc)
-    from launch.export import export_run
+    from launch.interop.export import export_run
 
     ae_export = export_run(ae_run, root / "ae_export")
     latents = root / "latents"

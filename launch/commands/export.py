@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import warnings
 
-    from launch.export import export_run
+    from launch.interop.export import export_run
     from launch.runtime.exportdir import ExportError
 
     importing = args.from_ldm_vae or args.from_diffusers_vae
@@ -78,7 +78,7 @@ def run(args) -> int:
             warnings.simplefilter("always")
             warnings.showwarning = lambda m, *a, **k: print(f"ldm export: warning: {m}", file=sys.stderr)
             if importing:
-                from launch.vae_import import import_diffusers_vae, import_ldm_vae
+                from launch.interop.vae_import import import_diffusers_vae, import_ldm_vae
 
                 common = dict(scaling_factor=args.scaling_factor, shift_factor=args.shift_factor,
                               stats_urls=args.stats_urls, stats_batches=args.stats_batches, dtype=args.dtype,

@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from launch.sample import read_prompts, sample_export
+    from launch.interop.sample import read_prompts, sample_export
 
     try:
         prompts = args.prompt if args.prompt else read_prompts(args.prompts)

@@ -44,7 +44,7 @@ def ae_run(synth_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ae_export(ae_run, tmp_path_factory) -> Path:
-    from launch.export import export_run
+    from launch.interop.export import export_run
 
     return export_run(ae_run, tmp_path_factory.mktemp("exports") / "ae")
 
@@ -60,7 +60,7 @@ def unet_run(synth_data, ae_export, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def unet_export(unet_run, tmp_path_factory) -> Path:
-    from launch.export import export_run
+    from launch.interop.export import export_run
 
     return export_run(unet_run, tmp_path_factory.mktemp("exports") / "unet")
 

@@ -55,7 +55,7 @@ def make_dit_export(out: Path, autoencoder: Path, *, pooled: bool = True) -> Pat
 
     from launch.runtime.config import load_config
     from launch.runtime.configio import to_plain
-    from launch.export import write_text_encoder
+    from launch.interop.export import write_text_encoder
     from launch.runtime.exportdir import EXPORT_FORMAT, write_safetensors
     from ldm.training import build_denoiser
 

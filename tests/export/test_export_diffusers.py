@@ -54,7 +54,7 @@ def test_unet_and_vae_load_in_diffusers_and_match_ours(unet_run, tmp_path):
 
 
 def test_autoencoder_run_writes_vae_only_with_its_latent_statistics(ae_run, ae_export, tmp_path):
-    from launch.export import export_run
+    from launch.interop.export import export_run
 
     out = export_run(ae_run, tmp_path / "vae", fmt="diffusers")
     assert (out / "vae" / "config.json").is_file() and not (out / "unet").exists()
@@ -69,7 +69,7 @@ def test_autoencoder_run_writes_vae_only_with_its_latent_statistics(ae_run, ae_e
 
 
 def test_pixart_form_dit_loads_as_pixart_transformer(tmp_path):
-    from launch.export_diffusers import write_denoiser
+    from launch.interop.export_diffusers import write_denoiser
     from ldm.config import DenoiserConfig, DiTConfig
     from launch.runtime.configio import to_plain
     from ldm.dit import DiT
@@ -99,8 +99,8 @@ def test_models_diffusers_cannot_express_are_refused_before_writing(unet_run, tm
 
     from launch.runtime.config import load_config
     from launch.runtime.configio import to_plain
-    from launch.export import export_run
-    from launch.export_diffusers import diffusers_problems
+    from launch.interop.export import export_run
+    from launch.interop.export_diffusers import diffusers_problems
 
     dit = load_config("configs/ldm/dit-small.yaml").denoiser       # qk_norm: rms
     problems = diffusers_problems("diffusion", to_plain(dit), {"ch": 32})

@@ -12,7 +12,7 @@ from autoencoder.config import AutoencoderConfig
 from autoencoder.model import build_autoencoder
 from export_helpers import cli
 from launch.runtime.exportdir import ExportError, export_metadata, load_autoencoder
-from launch.vae_import import import_diffusers_vae, import_ldm_vae
+from launch.interop.vae_import import import_diffusers_vae, import_ldm_vae
 
 # the SD VAE topology (4 levels, 2 blocks, mid attention, 4 latent channels, 32 groups as LDM hard-codes)
 # at 1/4 of the width

@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from launch.runtime.exportdir import load_pipeline  # noqa: E402
-from launch.export_onnx import denoiser_inputs, export_onnx, ort_session  # noqa: E402
+from launch.interop.export_onnx import denoiser_inputs, export_onnx, ort_session  # noqa: E402
 
 TOL = 1e-3
 
@@ -108,7 +108,7 @@ def test_learned_null_pooled_dit_graph_matches_pytorch(ae_export, tmp_path):
 
 
 def test_autoencoder_run_exports_its_decoder_only(ae_run, tmp_path):
-    from launch.export import export_run
+    from launch.interop.export import export_run
     from launch.runtime.exportdir import load_autoencoder
 
     out = export_run(ae_run, tmp_path / "ae", fmt="onnx")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from export_helpers import cli, ldm
 from launch.runtime.exportdir import load_pipeline
-from launch.sample import read_prompts, sample_export
+from launch.interop.sample import read_prompts, sample_export
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from export_helpers import cli, ldm
-from launch.export import export_run, live_weights, open_run
+from launch.interop.export import export_run, live_weights, open_run
 from launch.runtime.exportdir import ExportError, export_metadata, load_autoencoder, load_text_encoder, read_export
 
 

@@ -5,8 +5,8 @@
     OUT/autoencoder/        stage two: a copy of the autoencoder export (or config.json references it)
     OUT/text_encoder/       stage two: the open_clip text tower's weights (safetensors) when they cannot be
                             fetched by name (random init or a local file), and its model-config JSON
-    OUT/vae/, OUT/unet/ or OUT/transformer/      with --format diffusers (launch/export_diffusers.py)
-    OUT/onnx/               with --format onnx (launch/export_onnx.py)
+    OUT/vae/, OUT/unet/ or OUT/transformer/      with --format diffusers (launch/interop/export_diffusers.py)
+    OUT/onnx/               with --format onnx (launch/interop/export_onnx.py)
 
 Weights come from the newest complete checkpoint: the EMA files (re-assembled from their ZeRO-3
 partitions when needed) or DeepSpeed's consolidation of the sharded fp32 weights for `--no-ema`.
