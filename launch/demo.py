@@ -185,7 +185,7 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
 
     # 4. reconstruction quality on images the autoencoder never saw
     def recon() -> dict:
-        from launch.evaluate import recon_metrics
+        from launch.evaluate.scores import recon_metrics
 
         return {"holdout": recon_metrics(ae_export, [_shards(data / "holdout")], batch_size=64),
                 "val": recon_metrics(ae_export, [_shards(data / "val")], batch_size=64)}
@@ -256,7 +256,7 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
 
     # 9. adherence
     def adherence() -> dict:
-        from launch.adherence import evaluate_dir
+        from launch.evaluate.adherence import evaluate_dir
 
         prompts = {}
         for sub in ("scored", "scored_holdout"):

@@ -88,11 +88,11 @@ def _fmt(v, spec=".4f"):
 
 
 def run(args) -> int:
-    from launch.inception import EvalWeightsError
+    from launch.evaluate.inception import EvalWeightsError
 
     try:
         if args.eval_command == "recon":
-            from launch.evaluate import recon_metrics
+            from launch.evaluate.scores import recon_metrics
 
             r = recon_metrics(args.export_dir, args.urls, batch_size=args.batch_size, max_samples=args.max_samples,
                               image_size=args.size, vgg=args.vgg, lpips=args.lpips, device=args.device,
@@ -100,7 +100,7 @@ def run(args) -> int:
             _emit(args, r, f"{r['samples']} images at {r['image_size']} px: PSNR {_fmt(r['psnr'], '.2f')} dB  "
                            f"SSIM {_fmt(r['ssim'])}  LPIPS {_fmt(r['lpips'])} ({r['lpips_backbone']})")
         elif args.eval_command == "fid":
-            from launch.evaluate import fid_kid
+            from launch.evaluate.scores import fid_kid
 
             r = fid_kid(args.samples_dir, args.ref, inception=args.inception, size=args.inception_size,
                         batch_size=args.batch_size, max_ref=args.max_ref, kid_subsets=args.kid_subsets,
@@ -108,7 +108,7 @@ def run(args) -> int:
             _emit(args, r, f"FID {r['fid']:.3f}  KID {r['kid']:.5f} +- {r['kid_std']:.5f}  "
                            f"({r['n_samples']} samples vs {r['n_ref']} reference, Inception {r['inception']['variant']})")
         elif args.eval_command == "clip-score":
-            from launch.evaluate import clip_score
+            from launch.evaluate.scores import clip_score
 
             r = clip_score(args.samples_dir, arch=args.clip_arch, weights=args.clip_weights,
                            model_config=args.clip_model_config, batch_size=args.batch_size, device=args.device)
@@ -116,7 +116,7 @@ def run(args) -> int:
                            f"({r['clip']['arch']})")
         else:
             from data_pipeline.synthetic import DEFAULT_HOLDOUT
-            from launch.adherence import evaluate_dir, format_report
+            from launch.evaluate.adherence import evaluate_dir, format_report
 
             holdout = []
             for h in args.holdout:

@@ -11,7 +11,7 @@ from PIL import ImageFilter
 
 from export_helpers import cli
 from data_pipeline.synthetic import COLORS, DEFAULT_HOLDOUT, SHAPES, caption_for, iter_synthetic
-from launch.adherence import evaluate_dir, judge, parse_caption
+from launch.evaluate.adherence import evaluate_dir, judge, parse_caption
 
 
 def _write(folder, items):

@@ -12,9 +12,9 @@ from PIL import Image
 
 from autoencoder.metrics import psnr, ssim
 from export_helpers import cli
-from launch.fid import (feature_stats, fid_from_features, frechet_distance, kernel_inception_distance,
+from launch.evaluate.fid import (feature_stats, fid_from_features, frechet_distance, kernel_inception_distance,
                         mmd2_unbiased)
-from launch.inception import FID_WEIGHTS, TORCHVISION_WEIGHTS, EvalWeightsError, load_inception
+from launch.evaluate.inception import FID_WEIGHTS, TORCHVISION_WEIGHTS, EvalWeightsError, load_inception
 
 TINY_CLIP = "ldm-eval-tiny-clip"
 TINY_CLIP_CFG = {"embed_dim": 32,
@@ -104,7 +104,7 @@ def image_sets(tmp_path_factory):
 
 
 def test_fid_kid_of_a_set_against_itself_is_zero(inception_file, image_sets):
-    from launch.evaluate import fid_kid
+    from launch.evaluate.scores import fid_kid
 
     model, info = load_inception(inception_file, size=96)
     assert info["variant"] == "fid"
@@ -155,7 +155,7 @@ def test_missing_eval_weights_name_the_expected_files(tmp_path, monkeypatch, ima
     with pytest.raises(EvalWeightsError) as e:
         load_inception()
     assert str(tmp_path / FID_WEIGHTS) in str(e.value) and TORCHVISION_WEIGHTS in str(e.value)
-    from launch.evaluate import resolve_clip_weights
+    from launch.evaluate.scores import resolve_clip_weights
 
     with pytest.raises(EvalWeightsError, match="open_clip_ViT-B-32.safetensors"):
         resolve_clip_weights("ViT-B-32")
@@ -182,7 +182,7 @@ def tiny_clip(tmp_path_factory):
 def test_clip_score_uses_the_weights_file_and_matches_a_direct_computation(tiny_clip, image_sets, tmp_path):
     import open_clip
 
-    from launch.evaluate import clip_score
+    from launch.evaluate.scores import clip_score
 
     cfg, weights, model = tiny_clip
     samples = tmp_path / "s"
@@ -209,7 +209,7 @@ def test_clip_score_uses_the_weights_file_and_matches_a_direct_computation(tiny_
 
 
 def test_recon_metrics_on_an_autoencoder_export(ae_export, synth_data, tmp_path):
-    from launch.evaluate import recon_metrics, reconstruct
+    from launch.evaluate.scores import recon_metrics, reconstruct
     from launch.runtime.exportdir import load_autoencoder
 
     rc, out, err = cli("eval", "recon", ae_export, f"{synth_data}/00000.tar", "--max-samples", "20", "--lpips", "off",
@@ -250,7 +250,7 @@ def test_recon_lpips_with_a_vgg16_file(ae_export, synth_data, tmp_path):
     from autoencoder.perceptual import LPIPS
     from data_pipeline.config import DataConfig
     from data_pipeline.loader import build_eval_loader
-    from launch.evaluate import recon_metrics, reconstruct
+    from launch.evaluate.scores import recon_metrics, reconstruct
     from launch.runtime.exportdir import load_autoencoder
 
     with torch.device("meta"):

@@ -5,7 +5,7 @@
   plus LPIPS (VGG16) when its weights file is there (autoencoder.perceptual finds it; --vgg names one).
   PSNR of identical images is capped at 100 dB (MSE floor 1e-10).
 - fid: FID and KID between a folder of samples and reference images (shards, or a folder), with the
-  Inception-v3 of launch/inception.py. Both sets are read as 8-bit images, so samples and references see
+  Inception-v3 of launch/evaluate/inception.py. Both sets are read as 8-bit images, so samples and references see
   the same quantisation; references are center-cropped to the samples' size by the shard loader.
 - clip-score: 100 * max(cos(image, text), 0) averaged over images, text from the folder's prompts.json,
   with an open_clip model from a local weights file (open_clip's own loader and preprocessing).
