@@ -27,15 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from launch.demo import DemoSettings, run_demo
+    from launch.demo.run import DemoSettings, run_demo
 
     s = DemoSettings(out=Path(args.out), overrides_stage1=list(args.stage1), overrides_stage2=list(args.stage2))
     if args.train_images:
         s.train_images = args.train_images
     run_demo(s, redo=set(args.redo))
     if args.readme:
-        from launch.demo import REPO
-        from launch.demo_report import update_readme
+        from launch.demo.run import REPO
+        from launch.demo.report import update_readme
 
         update_readme(s.out.resolve(), REPO / "README.md", REPO / "docs" / "assets")
     return 0

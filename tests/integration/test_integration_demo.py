@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from launch.demo import DemoSettings, run_demo
-from launch.demo_report import README_END, README_START, update_readme
+from launch.demo.run import DemoSettings, run_demo
+from launch.demo.report import README_END, README_START, update_readme
 
 TINY = dict(train_images=128, val_images=32, holdout_images=24, shard_size=64, samples_per_triple=1,
             holdout_samples_per_triple=2, threads=2)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "triangle")
 
@@ -269,7 +269,7 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
 
     # 10. report
     def report() -> dict:
-        from .demo_report import write_report
+        from .report import write_report
 
         return write_report(out, ph.timings, counts=counts, recon=recon_result, adherence=adh,
                             ae_config=ae_cfg, holdout=holdout, settings=asdict(s))
