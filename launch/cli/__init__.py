@@ -1,4 +1,4 @@
-"""The `ldm` command. Each subcommand is a module in `launch/commands/` defining
+"""The `ldm` command. Each subcommand is a module of this package (`launch/cli/train.py`, ...) defining
 
     NAME = "train"                     # the subcommand
     HELP = "one line for `ldm --help`"
@@ -15,15 +15,13 @@ import importlib
 import pkgutil
 import sys
 
-from . import commands as _commands_pkg
-
 
 def _discover():
     found = []
-    for info in sorted(pkgutil.iter_modules(_commands_pkg.__path__), key=lambda i: i.name):
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"{_commands_pkg.__name__}.{info.name}")
+        module = importlib.import_module(f"{__name__}.{info.name}")
         if hasattr(module, "NAME") and hasattr(module, "run"):
             found.append(module)
     return found
