@@ -1,11 +1,11 @@
-"""Generate the worked example in docs/scaling.md from `ldm plan`'s model (launch/plan.py).
+"""Generate the worked example in docs/scaling.md from `ldm plan`'s model (launch/plan/).
 
     .venv/bin/python docs/make_scaling_table.py            # rewrite the generated block of docs/scaling.md
     .venv/bin/python docs/make_scaling_table.py --check    # exit 1 when the block is out of date
     .venv/bin/python docs/make_scaling_table.py --json     # the underlying `ldm plan --json` reports
 
 Every row is `ldm plan CONFIG OVERRIDES --gpus N --global-batch 2048 --json`: the script calls the functions
-that command calls (`launch.plan.describe` once per case, `launch.plan.plan` per GPU count), which
+that command calls (`launch.plan.description.describe` once per case, `launch.plan.planner.plan` per GPU count), which
 tests/plan/test_plan_scaling_doc.py checks against the command itself.
 """
 from __future__ import annotations
@@ -44,13 +44,14 @@ MOSAIC = [  # (what, GPUs we set it beside, published img/s per A100)
 
 
 def reports() -> list[dict]:
-    from launch import plan as P
+    from launch.plan import planner as P
+    from launch.plan.description import describe
     from launch.runtime.config import load_config
 
     out = []
     for title, config, overrides in CASES + [("SD2-base topology, 256 px, precomputed, no checkpointing",
                                               "configs/ldm/unet-sd15.yaml", AT_256 + PRECOMPUTED + SD2_BASE)]:
-        desc = P.describe(load_config(REPO / config, overrides))
+        desc = describe(load_config(REPO / config, overrides))
         gpus = GPUS if not title.startswith("SD2") else tuple(sorted({g for _, g, _ in MOSAIC}))
         for n in gpus:
             rep = P.plan(desc, n, global_batch=GLOBAL_BATCH)

@@ -5,7 +5,7 @@ through launch/runtime/engine.py (the stage's own parameter groups, torch AdamW)
 runs two optimizer steps so every lazily created buffer exists, then one more step's micro-steps. After a
 non-boundary micro-step's backward it records what gradient accumulation holds ("accumulating"); after the
 boundary's backward (gradients reduced, step not yet taken: gradients and optimizer state both alive) it
-records what this rank holds ("roles": bytes by role from launch.plan_measure.engine_state_bytes) and the
+records what this rank holds ("roles": bytes by role from launch.plan.measure.engine_state_bytes) and the
 total of every tensor storage alive in the process that was not alive before the model was built
 ("live_total"), in OUT_DIR/{name}_zero{Z}_rank{R}.json."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ from launch.runtime import dist as D  # noqa: E402
 from launch.runtime.config import load_config  # noqa: E402
 from launch.runtime.ema import EMA  # noqa: E402
 from launch.runtime.engine import build_engine  # noqa: E402
-from launch.plan_measure import denoiser_inputs, engine_state_bytes, live_tensor_bytes  # noqa: E402
+from launch.plan.measure import denoiser_inputs, engine_state_bytes, live_tensor_bytes  # noqa: E402
 
 
 def one_stage(cfg, zero: int, env, out_dir: Path, name: str) -> None:

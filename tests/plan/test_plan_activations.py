@@ -1,6 +1,6 @@
-"""Activation memory per sample: launch/plan_arch.py's prediction against the peak measured on CPU.
+"""Activation memory per sample: launch/plan/'s prediction against the peak measured on CPU.
 
-Measurement (launch/plan_measure.py): every op's output storage is tracked by a TorchDispatchMode with
+Measurement (launch/plan/measure.py): every op's output storage is tracked by a TorchDispatchMode with
 weak references, so the live bytes of tensors are known at each op of one forward + backward (the CPU
 allocator's view of the tensors, no torch.cuda); parameter gradients and autocast's copies of the weights
 are excluded (model state); the per-sample value is the slope of the peak between two batch sizes.
@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch import plan_arch as A
-from launch import plan_measure as M
+from launch.plan import denoisers as A
+from launch.plan import frozen as FZ
+from launch.plan import measure as M
 from plankit import load, rel
 
 
@@ -66,7 +67,7 @@ def test_plan_activation_peak_per_sample_matches_cpu(name, precision, ckpt, fuse
 
 
 def test_plan_autocast_weight_copies_are_two_bytes_per_parameter(fused_attention):
-    """bf16 autocast keeps a bf16 copy of the weights for backward: launch/plan.py counts 2 P for them."""
+    """bf16 autocast keeps a bf16 copy of the weights for backward: launch/plan/zero.py counts 2 P for them."""
     from ldm.training import build_denoiser
 
     cfg = load("ldm/dit-small")
@@ -89,7 +90,7 @@ def test_plan_autocast_weight_copies_are_two_bytes_per_parameter(fused_attention
 def test_plan_encoder_working_set_matches_cpu():
     """The frozen encoder's no-grad pass (online latents): ENCODER_WORKING_SET largest feature maps per sample."""
     from autoencoder.model import build_autoencoder
-    from launch.plan import ENCODER_WORKING_SET
+    from launch.plan.hardware import ENCODER_WORKING_SET
 
     a = load("autoencoder/kl-f8").autoencoder
     res = 64
@@ -103,5 +104,5 @@ def test_plan_encoder_working_set_matches_cpu():
             del x, z
         peaks[batch] = tracker.curve()[0]
     measured = (peaks[6] - peaks[2]) / 4
-    predicted = ENCODER_WORKING_SET * A.autoencoder_forward(a, (res, res), decoder=False).largest_tensor_bytes
+    predicted = ENCODER_WORKING_SET * FZ.autoencoder_forward(a, (res, res), decoder=False).largest_tensor_bytes
     assert rel(predicted, measured) <= 0.25, (predicted, measured)

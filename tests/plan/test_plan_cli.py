@@ -5,7 +5,10 @@ import json
 
 import pytest
 
-from launch import plan as P
+from launch.plan import hardware as H
+from launch.plan import planner as P
+from launch.plan import zero as Z
+from launch.plan.description import describe
 from launch.cli import main
 from plankit import REPO
 
@@ -21,7 +24,7 @@ def _plan(capsys, *argv):
 def sd15_desc():
     from launch.runtime.config import load_config
 
-    return P.describe(load_config(REPO / "configs/ldm/unet-sd15.yaml", []))
+    return describe(load_config(REPO / "configs/ldm/unet-sd15.yaml", []))
 
 
 def test_plan_cli_json_report(capsys):
@@ -61,7 +64,7 @@ def test_plan_cli_table_and_options(capsys):
 
 def test_plan_smaller_gpu_fits_fewer_samples(sd15_desc):
     big = P.plan(sd15_desc, 8)
-    small = P.plan(sd15_desc, 8, P.Hardware(gpu_mem_gib=24))
+    small = P.plan(sd15_desc, 8, H.Hardware(gpu_mem_gib=24))
     for z in range(4):
         assert small["memory"]["zero_stages"][str(z)]["max_micro_batch"]["ckpt"] < \
             big["memory"]["zero_stages"][str(z)]["max_micro_batch"]["ckpt"]
@@ -71,7 +74,7 @@ def test_plan_does_not_fit_reports_it(sd15_desc):
     import dataclasses
 
     desc = dataclasses.replace(sd15_desc, zero_stage=0, checkpointing=False)
-    r = P.plan(desc, 8, P.Hardware(gpu_mem_gib=16))
+    r = P.plan(desc, 8, H.Hardware(gpu_mem_gib=16))
     assert not r["batch"]["fits"] and "img_per_s" not in r["throughput"]
     assert any("does not fit" in n for n in r["notes"])
 
@@ -103,14 +106,14 @@ def test_plan_cli_errors(capsys):
 
 
 def test_plan_comm_model_volumes():
-    pi = P.ParamInfo.from_numels([1000] * 100, persistence_threshold=0)
+    pi = Z.ParamInfo.from_numels([1000] * 100, persistence_threshold=0)
     P_ = pi.trainable
-    assert P.comm_bytes(pi, 0, 1, 1) == {"reduce": 0.0, "gather_prefetched": 0.0, "serial": 0.0}
-    z0 = P.comm_bytes(pi, 0, 4, 3)
+    assert Z.comm_bytes(pi, 0, 1, 1) == {"reduce": 0.0, "gather_prefetched": 0.0, "serial": 0.0}
+    z0 = Z.comm_bytes(pi, 0, 4, 3)
     assert z0["reduce"] == pytest.approx(2 * 0.75 * 4 * P_)            # all-reduce once per step
-    z2 = P.comm_bytes(pi, 2, 4, 3)
+    z2 = Z.comm_bytes(pi, 2, 4, 3)
     assert z2["reduce"] == pytest.approx(3 * 0.75 * 4 * P_) and z2["serial"] == pytest.approx(0.75 * 4 * P_)
-    z3 = P.comm_bytes(pi, 3, 4, 1, reuse_distance=0)
+    z3 = Z.comm_bytes(pi, 3, 4, 1, reuse_distance=0)
     assert z3["gather_prefetched"] == pytest.approx(2 * 0.75 * 4 * P_)   # forward + backward gathers
     t = P.step_time(1.0, {"reduce": 4e9, "gather_prefetched": 0.0, "serial": 0.0}, 2.0, overlap_comm=True,
                     backward_share=2 / 3)

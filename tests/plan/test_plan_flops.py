@@ -1,12 +1,14 @@
-"""FLOPs per sample: launch/plan_arch.py's analytic count against torch.utils.flop_counter (meta device,
+"""FLOPs per sample: launch/plan/'s analytic count against torch.utils.flop_counter (meta device,
 or small real inputs where an op has no meta kernel), for the UNet, the DiT and the autoencoder."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from launch import plan_arch as A
-from launch import plan_measure as M
+from launch.plan.tape import Tape
+from launch.plan import denoisers as A
+from launch.plan import frozen as FZ
+from launch.plan import measure as M
 from plankit import load
 
 TOL = 0.02
@@ -69,11 +71,11 @@ def test_plan_autoencoder_flops_match_flop_counter(name, res, meta):
     x = torch.empty(1, a.in_channels, res, res, device=device) if meta else torch.randn(1, a.in_channels, res, res)
     full = M.count_flops(ae, x, sample=False, update=False)
     enc = M.count_flops(lambda im: ae.encode(im), x)
-    analytic_full = A.autoencoder_forward(a, (res, res)).flops
-    analytic_enc = A.autoencoder_forward(a, (res, res), decoder=False).flops
+    analytic_full = FZ.autoencoder_forward(a, (res, res)).flops
+    analytic_enc = FZ.autoencoder_forward(a, (res, res), decoder=False).flops
     assert abs(analytic_full - full) <= TOL * full, (analytic_full, full)
     assert abs(analytic_enc - enc) <= TOL * enc, (analytic_enc, enc)
-    assert A.autoencoder_params(a) == sum(p.numel() for p in ae.parameters())
+    assert FZ.autoencoder_params(a) == sum(p.numel() for p in ae.parameters())
 
 
 def test_plan_text_tower_params_match_open_clip():
@@ -81,16 +83,16 @@ def test_plan_text_tower_params_match_open_clip():
     from ldm.text import build_text_encoder
 
     cfg = load("ldm/unet-small")
-    tower = A.text_tower(cfg.text_encoder)
+    tower = FZ.text_tower(cfg.text_encoder)
     enc = build_text_encoder(cfg.text_encoder)
     assert tower.params == sum(p.numel() for p in enc.parameters())
     assert tower.context_length == enc.context_length
 
 
 def test_plan_closed_forms_match_the_walk():
-    """The per-block closed forms in launch/plan_arch.py's docstrings are what the walk adds up (fp32)."""
+    """The per-block closed forms in launch/plan/denoisers.py's formulas are what the walk adds up (fp32)."""
     C, n, L, H, C_ctx = 320, 4096, 77, 8, 768
-    t = A.Tape("fp32")
+    t = Tape("fp32")
     ctx = t.new(L * C_ctx)
     t.save(ctx)
     base = t.saved_bytes
@@ -98,7 +100,7 @@ def test_plan_closed_forms_match_the_walk():
     assert (t.saved_bytes - base) // 4 == 28 * C * n + 2 * L * C + 2 * H * n + 6 * n
     assert t.flops == 8 * n * C * C + 4 * n * n * C + 4 * n * C * C + 4 * L * C_ctx * C + 4 * n * L * C + 24 * n * C * C
 
-    t = A.Tape("fp32")
+    t = Tape("fp32")
     c_in, c_out, E, h = 320, 640, 1280, 32
     emb = t.new(E)
     t.save(emb)
@@ -110,7 +112,7 @@ def test_plan_closed_forms_match_the_walk():
 
     for qk, extra in (("none", 0), ("rms", 1)):
         D, N, M, H = 1152, 256, 4608, 16
-        t = A.Tape("fp32")
+        t = Tape("fp32")
         ctx = t.new(L * D)
         t.save(ctx)
         base = t.saved_bytes

@@ -1,4 +1,4 @@
-"""Model-state bytes per rank: launch/plan.py's ZeRO model against a live DeepSpeed engine on CPU (1 and 2
+"""Model-state bytes per rank: launch/plan/zero.py's ZeRO model against a live DeepSpeed engine on CPU (1 and 2
 ranks, ZeRO 0-3, a small UNet and a small DiT, built through launch/runtime/engine.py by plan_state_job.py), and
 against DeepSpeed's own estimators."""
 from __future__ import annotations
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from launch import plan as P
+from launch.plan import hardware as H
+from launch.plan import zero as Z
+from launch.plan.description import describe
 from plankit import load, rel, run_job
 
 JOB = Path(__file__).with_name("plan_state_job.py")
@@ -39,14 +41,14 @@ def measured(tmp_path_factory):
 
 @functools.lru_cache(maxsize=None)
 def _describe(model):
-    return P.describe(load(MODELS[model], *OVERRIDES))
+    return describe(load(MODELS[model], *OVERRIDES))
 
 
 def _predicted(model, zero, world):
     desc = _describe(model)
-    return P.zero_model_states(desc.params, zero, world, desc.precision, desc.ema,
+    return Z.zero_model_states(desc.params, zero, world, desc.precision, desc.ema,
                                int(desc.ds_zero["reduce_bucket_size"]),
-                               int(desc.ds_zero.get("stage3_max_reuse_distance", P.DS_DEFAULT_REUSE_DISTANCE)))
+                               int(desc.ds_zero.get("stage3_max_reuse_distance", H.DS_DEFAULT_REUSE_DISTANCE)))
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -122,17 +124,17 @@ def test_plan_agrees_with_deepspeed_estimators(model, world, zero):
     without a separate fp32 copy; ZeRO-3's two layouts hold the same bytes (16-bit weights and gradients
     plus an fp32 gradient copy, against fp32 weights and gradients: 20 P/N with the master and moments)."""
     pi = _describe(model).params
-    pi0 = P.ParamInfo(pi.trainable, pi.group_numels, 0, pi.largest_layer, pi.count)
-    ds = P.deepspeed_estimate(pi0, zero, world)
-    ours = P.zero_model_states(pi0, zero, world, "fp16", ema=False)
+    pi0 = Z.ParamInfo(pi.trainable, pi.group_numels, 0, pi.largest_layer, pi.count)
+    ds = Z.deepspeed_estimate(pi0, zero, world)
+    ours = Z.zero_model_states(pi0, zero, world, "fp16", ema=False)
     ours_states = ours.params + ours.grads + ours.optimizer
     print(f"{model} N={world} ZeRO-{zero}: ours {ours_states} DeepSpeed {ds} ({rel(ours_states, ds):+.1%})")
     assert rel(ours_states, ds) <= 0.10
-    fp32 = P.zero_model_states(pi0, zero, world, "fp32", ema=False)
+    fp32 = Z.zero_model_states(pi0, zero, world, "fp32", ema=False)
     extra = (fp32.params + fp32.grads + fp32.optimizer) - ours_states
     part = sum(-(-n // world) for g in pi.group_numels for n in g)
     if zero == 2:
-        _, grad_elems = P.zero12_partition(pi.group_numels, world)
+        _, grad_elems = Z.zero12_partition(pi.group_numels, world)
         assert extra == 2 * pi.trainable + 2 * grad_elems - 4 * part
     else:
         assert extra == 0
@@ -144,11 +146,11 @@ def test_plan_full_size_agrees_with_deepspeed_cold_estimate(config, overrides):
     import dataclasses
 
     cfg = load(config, *overrides)
-    pi = P.describe(cfg).params
+    pi = describe(cfg).params
     pi0 = dataclasses.replace(pi, persistent=0)
     for zero in (2, 3):
         ds = _ds_cold(zero, pi.trainable, pi.largest_layer, 8)
-        s = P.zero_model_states(pi0, zero, 8, "fp16", ema=False)
+        s = Z.zero_model_states(pi0, zero, 8, "fp16", ema=False)
         ours = s.params + s.grads + s.optimizer
         print(f"{config} ZeRO-{zero} on 8 GPUs: ours {ours / 2 ** 30:.2f} GiB, DeepSpeed {ds / 2 ** 30:.2f} GiB")
         assert rel(ours, ds) <= 0.10

@@ -27,10 +27,11 @@ def test_plan_scaling_rows_are_ldm_plan_output(capsys):
                "--json"])
     assert rc == 0
     cli = json.loads(capsys.readouterr().out)
-    from launch import plan as P
+    from launch.plan import planner as P
+    from launch.plan.description import describe
     from launch.runtime.config import load_config
 
-    row = P.plan(P.describe(load_config(REPO / config, overrides)), 128, global_batch=mod.GLOBAL_BATCH)
+    row = P.plan(describe(load_config(REPO / config, overrides)), 128, global_batch=mod.GLOBAL_BATCH)
     assert cli["batch"] == row["batch"]
     assert cli["throughput"] == row["throughput"]
     assert f"| 128 | 16 | {row['model']['zero_stage']} |" in mod._row({"gpus": 128, **row})

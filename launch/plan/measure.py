@@ -1,4 +1,4 @@
-"""Measurements that check `ldm plan`'s analytic model (launch/plan_arch.py, launch/plan.py) on CPU.
+"""Measurements that check `ldm plan`'s analytic model (launch/plan/: the walks and the ZeRO model) on CPU.
 
 - `count_flops`: FLOPs of a forward pass by `torch.utils.flop_counter.FlopCounterMode` (on the meta
   device nothing is allocated, so full-size models are measured in seconds).
@@ -160,7 +160,7 @@ def activation_peak(module: nn.Module, make_inputs: Callable[[], dict], autocast
     """Peak live bytes of tensors created during one forward + backward of `module(**make_inputs())`
     (the inputs are created inside, so the batch counts, as it does on a GPU); parameter gradients,
     views of parameters and autocast's low-precision copies of parameters are excluded (model state,
-    not activations: launch/plan.py counts the copies once per model); also the bytes alive at the
+    not activations: launch/plan/zero.py counts the copies once per model); also the bytes alive at the
     end of the forward pass."""
     loss_fn = loss_fn or (lambda out: out.float().square().mean())
     module.zero_grad(set_to_none=True)
