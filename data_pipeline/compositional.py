@@ -242,6 +242,8 @@ def _layout(comp: Composition, size: int, rng: random.Random,
             if comp.relation and not _clear(placed[0].centroid, placed[1].centroid, comp.relation, min_offset):
                 continue
             return placed
+        if max(sides) <= 4:
+            raise RuntimeError(f"no layout of {comp.caption()!r} fits a {size}-px image")
         sides = [max(4, int(s * 0.9)) for s in sides]   # rare: big sides that do not fit together
 
 

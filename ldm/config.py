@@ -85,10 +85,60 @@ class DiTConfig:
 
 
 @dataclass
+class MMDiTConfig:
+    """SD3's MMDiT (ldm/mmdit.py): text and image tokens in two weight streams, one joint attention per block.
+    diffusers' SD3Transformer2DModel names: input_size = sample_size, context_dim = joint_attention_dim,
+    hidden_size = caption_projection_dim = heads * attention_head_dim (SD3-medium: 24 x 64 = 1536)."""
+    input_size: int = field(default=32, metadata={"ge": 1})          # latent side at which positions are based
+    patch_size: Literal[1, 2, 4] = 2
+    in_channels: int = field(default=16, metadata={"ge": 1})
+    out_channels: Optional[int] = field(default=None, metadata={"ge": 1})   # null: in_channels
+    hidden_size: int = field(default=1536, metadata={"ge": 1})
+    depth: int = field(default=24, metadata={"ge": 1})
+    num_heads: int = field(default=24, metadata={"ge": 1})
+    mlp_ratio: float = field(default=4.0, metadata={"gt": 0})
+    context_dim: int = field(default=4096, metadata={"ge": 1})       # joined text width (T5's with CLIP + T5)
+    qk_norm: QKNorm = "rms"             # SD3.5 / SD3 paper's large models use RMS; SD3-medium has none
+    context_pre_only: bool = True       # the last block updates image tokens only (SD3)
+    # Positions added to the image tokens: a [M, M] grid (M = pos_embed_max_size, null: the base grid
+    # input_size / patch_size) centre-cropped to each resolution's grid, as SD3. sincos is fixed (a buffer),
+    # learned is a parameter initialised from sincos; none relies on rope.
+    pos_embed: Literal["sincos", "learned", "none"] = "sincos"
+    pos_embed_max_size: Optional[int] = field(default=None, metadata={"ge": 1})
+    rope: bool = False                  # 2-D rotary positions on image q/k (rows and columns, half the head each)
+    rope_theta: float = field(default=10000.0, metadata={"gt": 1})
+    activation_checkpointing: bool = False
+
+    @property
+    def grid(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def max_grid(self) -> int:
+        return self.pos_embed_max_size or self.grid
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} not divisible by patch_size {self.patch_size}")
+        if self.pos_embed != "none" and self.max_grid < self.grid:
+            raise ValueError(f"pos_embed_max_size {self.pos_embed_max_size} is smaller than the base grid "
+                             f"{self.grid} (input_size / patch_size)")
+        if self.pos_embed == "sincos" and self.hidden_size % 4:
+            raise ValueError("sincos pos_embed needs hidden_size divisible by 4")
+        if self.rope and (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"rope needs a head width divisible by 4 (got {self.hidden_size // self.num_heads})")
+        if self.pos_embed == "none" and not self.rope:
+            raise ValueError("pos_embed: none without rope leaves the image tokens without positions")
+
+
+@dataclass
 class DenoiserConfig:
-    kind: Literal["unet", "dit"] = "unet"
+    kind: Literal["unet", "dit", "mmdit"] = "unet"
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
+    mmdit: MMDiTConfig = field(default_factory=MMDiTConfig)
     # Pooled text embedding (width of the text encoder's pooled output) added to the time embedding
     # (SDXL / SD3 style); 0 disables it.
     pooled_dim: int = field(default=0, metadata={"ge": 0})

@@ -8,6 +8,7 @@
   with caption_projection, sincos positions, qk_norm "none", mlp_ratio 4, no class labels, no pooled
   text. adaLN-Zero, QK-norm, learned positions, class labels and pooled text have no slot there and
   are refused with the reason; `null_context` is left out as above. learn_sigma maps to out_channels.
+- MMDiT <-> `SD3Transformer2DModel`: ldm/convert_mmdit.py.
 Names are derived from our module tree (built on the meta device), so both directions stay in sync.
 """
 from __future__ import annotations
@@ -199,7 +200,11 @@ def dit_to_pixart(state: Mapping[str, torch.Tensor], cfg: DiTConfig, pooled_dim:
 
 def to_diffusers(state: Mapping[str, torch.Tensor], cfg: DenoiserConfig) -> tuple[str, dict, dict]:
     """-> (diffusers class name, its config kwargs, its state dict). For `ldm export --format diffusers`:
-    the UNet goes to OUT/unet/, the DiT to OUT/transformer/."""
+    the UNet goes to OUT/unet/, the DiT and the MMDiT to OUT/transformer/."""
     if cfg.kind == "unet":
         return "UNet2DConditionModel", unet_diffusers_config(cfg.unet), unet_to_diffusers(state, cfg.unet)
+    if cfg.kind == "mmdit":
+        from .convert_mmdit import mmdit_to_diffusers, sd3_diffusers_config
+        return ("SD3Transformer2DModel", sd3_diffusers_config(cfg.mmdit, cfg.pooled_dim),
+                mmdit_to_diffusers(state, cfg.mmdit, cfg.pooled_dim))
     return "PixArtTransformer2DModel", dit_pixart_config(cfg.dit), dit_to_pixart(state, cfg.dit, cfg.pooled_dim)

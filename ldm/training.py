@@ -23,6 +23,7 @@ from .conditioning import apply_condition_dropout, unconditional_like
 from .config import (ConditioningConfig, DenoiserConfig, LatentConfig, SamplingConfig)
 from .dit import DiT
 from .guidance import guided
+from .mmdit import MMDiT
 from .objectives import Objective, build_objective
 from .samplers import sample
 from .unet import UNet
@@ -32,17 +33,21 @@ _NO_DECAY_NAMES = ("null_context", "null_pooled", "pos_embed", "scale_shift_tabl
 
 
 def build_denoiser(cfg: DenoiserConfig) -> nn.Module:
-    """DenoiserConfig -> UNet or DiT. Allocation only, so it works under `with torch.device("meta"):`."""
+    """DenoiserConfig -> UNet, DiT or MMDiT. Allocation only, so it works under `with torch.device("meta"):`."""
     if cfg.kind == "unet":
         return UNet(cfg.unet, cfg.pooled_dim, cfg.learned_null_tokens, cfg.attention_backend)
     if cfg.kind == "dit":
         return DiT(cfg.dit, cfg.pooled_dim, cfg.learned_null_tokens, cfg.attention_backend)
-    raise ValueError(f"denoiser.kind {cfg.kind!r}: expected 'unet' or 'dit'")
+    if cfg.kind == "mmdit":
+        return MMDiT(cfg.mmdit, cfg.pooled_dim, cfg.learned_null_tokens, cfg.attention_backend)
+    raise ValueError(f"denoiser.kind {cfg.kind!r}: expected 'unet', 'dit' or 'mmdit'")
 
 
 def latent_shape(cfg: DenoiserConfig) -> tuple[int, int, int]:
     if cfg.kind == "unet":
         return cfg.unet.in_channels, cfg.unet.sample_size, cfg.unet.sample_size
+    if cfg.kind == "mmdit":
+        return cfg.mmdit.in_channels, cfg.mmdit.input_size, cfg.mmdit.input_size
     return cfg.dit.in_channels, cfg.dit.input_size, cfg.dit.input_size
 
 

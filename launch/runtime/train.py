@@ -14,28 +14,27 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import numpy as np
 import torch
 
 from . import dist as D
-from .checkpoint import CheckpointManager, Loaded, capture_rng, restore_rng, tag_for
+from .checkpoint import CheckpointManager, capture_rng, tag_for
 from .config import Config
-from .configio import ConfigError, config_hash, dump_yaml, flatten, to_plain
+from .configio import ConfigError, config_hash, dump_yaml, to_plain
 from .ema import EMA
 from .engine import (build_engine, check_runtime_config, discard_gradients, grads_finite, lr_factor,
                      optimizer_state_bytes, set_lr)
 from .images import save_grid
 from .metrics import MetricsWriter, WandbLogger
 from .progress import TrainProgress
+from .resume import LogWindow, resume, seed_everything
 from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag
-from .universal import load_universal, needs_universal
+from .universal import needs_universal
 
 
 @dataclass
@@ -56,41 +55,8 @@ def flush_denormals() -> None:
     torch.set_flush_denormal(True)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-class LogWindow:
-    """Sums of logged scalars since the last log step (saved in checkpoints, so a resumed run
-    logs the same means as an uninterrupted one)."""
-
-    def __init__(self, state: dict | None = None):
-        self.sums: dict[str, float] = dict((state or {}).get("sums", {}))
-        self.counts: dict[str, int] = dict((state or {}).get("counts", {}))
-        self.images = int((state or {}).get("images", 0))
-
-    def add(self, values: Mapping[str, Any]) -> None:
-        for k, v in values.items():
-            v = float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
-            self.sums[k] = self.sums.get(k, 0.0) + v
-            self.counts[k] = self.counts.get(k, 0) + 1
-
-    def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums}
-
-    def state(self) -> dict:
-        return {"sums": dict(self.sums), "counts": dict(self.counts), "images": self.images}
-
-    def reset(self) -> None:
-        self.sums.clear()
-        self.counts.clear()
-        self.images = 0
 
 
 class Trainer:
@@ -133,53 +99,6 @@ class Trainer:
         return {"step": step, "rng": capture_rng(), "data_json": json.dumps(data_state),
                 "window": self.window.state(), "counters": dict(self.counters)}
 
-    def _resume(self, loaded_tag: str) -> int:
-        ckpt = self.ckpt
-        meta = ckpt.read_meta(loaded_tag)
-        step = int(meta["step"])
-        tag_dir = ckpt.root / loaded_tag
-        if meta["world_size"] != self.env.world_size:
-            self.log(f"resuming {loaded_tag} saved at world size {meta['world_size']} on {self.env.world_size} "
-                     f"ranks through a DeepSpeed universal checkpoint")
-            load_universal(self, tag_dir, meta)
-        else:
-            for name, engine in self.engines.items():
-                path, _ = engine.load_checkpoint(str(tag_dir), tag=name, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False, load_module_strict=True)
-                if path is None:
-                    raise RuntimeError(f"DeepSpeed could not load engine '{name}' from {tag_dir / name}; "
-                                       "refusing to start from scratch over an existing run")
-        if self.ema is not None:
-            self.ema.load(tag_dir / "ema", self.env.rank, self.env.world_size)
-        old_hash = meta.get("config_hash")
-        if old_hash and old_hash != config_hash(self.cfg):
-            old, new = flatten(meta.get("config", {})), flatten(to_plain(self.cfg))
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            self.log(f"note: config changed since {loaded_tag}: {', '.join(changed[:12])}")
-        rank_state = ckpt.load_rank_state(loaded_tag) if meta["world_size"] == self.env.world_size else None
-        if rank_state is not None:
-            restore_rng(rank_state["rng"])
-            data_state = json.loads(rank_state.get("data_json") or "{}")
-            if data_state and hasattr(self.train_data, "load_state_dict"):
-                self.train_data.load_state_dict(data_state)
-            self.window = LogWindow(rank_state.get("window"))
-            self.counters.update(rank_state.get("counters", {}))
-        else:
-            # Another world size (see launch/runtime/universal.py): RNG streams keyed by (seed, resume step, rank);
-            # the loader is handed rank 0's old position, which it cannot continue at a new world size,
-            # so it starts the epoch after that one (shard order is a function of seed, epoch, rank, worker).
-            seed_everything(self.cfg.train.seed * 1_000_003 + step * 7919 + self.env.rank + 1)
-            first = ckpt.root / loaded_tag / "state" / "rank_00000.pt"
-            if first.is_file() and hasattr(self.train_data, "load_state_dict"):
-                old_state = json.loads(torch.load(first, map_location="cpu", weights_only=True).get("data_json")
-                                       or "{}")
-                if old_state:
-                    self.train_data.load_state_dict(old_state)
-            old_rank0 = torch.load(first, map_location="cpu", weights_only=True) if first.is_file() else {}
-            self.counters.update(old_rank0.get("counters", {}))
-        self.log(f"resumed from {loaded_tag} (step {step})")
-        return step
-
     # ------------------------------------------------------------------ main
 
     def run(self) -> TrainResult:
@@ -216,7 +135,7 @@ class Trainer:
 
         step = 0
         if tag is not None:
-            step = self._resume(tag)
+            step = resume(self, tag)
         else:
             seed_everything(cfg.train.seed * 1_000_003 + env.rank + 1)  # per-rank noise / dropout streams
         self.last_saved_step = step if tag is not None else -1
