@@ -1,9 +1,12 @@
 # Two commands for a fresh clone:  `make demo`  and  `make test`.
-# Each creates .venv/ at the repository root when missing, installs the project into it, then runs.
+# Each creates .venv/ at the repository root when missing and installs into it exactly the locked
+# environment (requirements/cpu.lock, via pip-sync), then the project itself without dependencies.
+# `make lock` re-resolves the lock from pyproject.toml (+ requirements/pins.in).
 
 PYTHON  ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
+LOCK    ?= requirements/cpu.lock
 STAMP   := $(VENV)/.installed
 OUT     ?= demo_out
 
@@ -12,15 +15,35 @@ OUT     ?= demo_out
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-slow install bench readme clean-venv
+# pip-tools as the lock pins it (it drives both the install and `make lock`).
+PIP_TOOLS := $(shell sed -n 's/^pip-tools==\([^ ]*\).*/\1/p' $(LOCK))
+# Same flags for both locks: the header pip-compile writes records them, so `make lock` is reproducible.
+LOCK_FLAGS := --quiet --upgrade --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+              --constraint requirements/pins.in
 
-$(STAMP): pyproject.toml
+.PHONY: demo test test-slow install install-cuda lock check-lock bench clean-venv
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -qq --upgrade pip
-	$(BIN)/python -m pip install -qq -e '.[dev]'
+	$(BIN)/python -m pip install -qq "pip-tools==$(PIP_TOOLS)"
+	$(BIN)/pip-sync -q $(LOCK)
+	$(BIN)/python -m pip install -qq --no-deps --no-build-isolation -e .
+	$(BIN)/python -m launch.lockfile $(LOCK)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# A GPU node (Slurm cluster): the same environment plus xformers, from requirements/cuda.lock.
+install-cuda:
+	$(MAKE) install LOCK=requirements/cuda.lock STAMP=$(VENV)/.installed-cuda
+
+check-lock:
+	$(BIN)/python -m launch.lockfile $(LOCK)
+
+lock:
+	test -x $(BIN)/pip-compile || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); $(BIN)/python -m pip install -qq pip-tools; }
+	$(BIN)/pip-compile $(LOCK_FLAGS) --extra dev --output-file requirements/cpu.lock pyproject.toml
+	$(BIN)/pip-compile $(LOCK_FLAGS) --extra dev --extra cuda --output-file requirements/cuda.lock pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/ldm demo --out $(OUT)
