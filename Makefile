@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install -qq "pip-tools==$(PIP_TOOLS)"
 	$(BIN)/pip-sync -q $(LOCK)
 	$(BIN)/python -m pip install -qq --no-deps --no-build-isolation -e .
-	$(BIN)/python -m launch.lockfile $(LOCK)
+	$(BIN)/python -m launch.runtime.lockfile $(LOCK)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,7 +38,7 @@ install-cuda:
 	$(MAKE) install LOCK=requirements/cuda.lock STAMP=$(VENV)/.installed-cuda
 
 check-lock:
-	$(BIN)/python -m launch.lockfile $(LOCK)
+	$(BIN)/python -m launch.runtime.lockfile $(LOCK)
 
 lock:
 	test -x $(BIN)/pip-compile || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); $(BIN)/python -m pip install -qq pip-tools; }

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 from PIL import Image, ImageDraw
 
 from .state import derive_seed
-from .synthetic import COLORS, SHAPES, draw_shape
+from .palette import COLORS, SHAPES, draw_shape
 
 KINDS = ("single", "pair", "count", "position")
 RELATIONS = ("to the left of", "to the right of", "above", "below")

@@ -15,14 +15,10 @@ from typing import Iterator, Optional, Sequence
 
 from PIL import Image, ImageDraw
 
+from .palette import COLORS, SHAPES, draw_shape
 from .state import derive_seed
 from .write import ShardWriter
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 220, 30),
-    "purple": (130, 40, 170), "orange": (245, 135, 20), "white": (255, 255, 255), "black": (0, 0, 0),
-}
-SHAPES = ("circle", "square", "triangle")
 SIZE_RANGE = (0.3, 0.6)  # shape side as a fraction of the image side
 # A small default held-out set, one triple per shape (and distinct colors), for the demo's adherence test.
 DEFAULT_HOLDOUT = (("red", "circle", "blue"), ("green", "square", "white"), ("yellow", "triangle", "purple"))
@@ -51,18 +47,6 @@ def parse_triple(text: str | Sequence[str]) -> Triple:
     if color == background:
         raise ValueError(f"{text!r}: color and background must differ")
     return color, shape, background
-
-
-def draw_shape(pen: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
-               fill: tuple[int, int, int]) -> None:
-    """One filled shape in the inclusive box (x0, y0, x1, y1); triangles apex up. Shared by both tiers."""
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        pen.ellipse((x0, y0, x1, y1), fill=fill)
-    elif shape == "square":
-        pen.rectangle((x0, y0, x1, y1), fill=fill)
-    else:
-        pen.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
 
 
 def draw(color: str, shape: str, background: str, size: int, rng: random.Random) -> tuple[Image.Image, dict]:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.config import ConditioningConfig, DenoiserConfig, DiTConfig, LatentConfig, SamplingConfig, UNetConfig
+from ldm.config import (ConditioningConfig, DenoiserConfig, DiTConfig, LatentConfig, MMDiTConfig, SamplingConfig,
+                        UNetConfig)
 from ldm.objectives import DiscreteDiffusion, RectifiedFlow
 from ldm.text import OpenCLIPTextEncoder
 from ldm.training import DiffusionStage, build_denoiser, latent_shape
@@ -55,7 +56,9 @@ def make_stage(kind, text_encoder, objective=None, null="empty", p=0.1, autoenco
                          unet=UNetConfig(sample_size=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                                          attention_levels=(1,), num_heads=4, context_dim=64, norm_groups=8),
                          dit=DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4,
-                                       context_dim=64, learn_sigma=True), **dcfg)
+                                       context_dim=64, learn_sigma=True),
+                         mmdit=MMDiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2,
+                                           num_heads=4, context_dim=64), **dcfg)
     torch.manual_seed(0)
     stage = DiffusionStage(build_denoiser(cfg), objective or DiscreteDiffusion("eps"), text_encoder=text_encoder,
                            autoencoder=autoencoder,
@@ -77,8 +80,9 @@ def latent_batch(n=8, seed=0):
 @pytest.mark.parametrize("kind,objective,null,ratio", [
     ("unet", DiscreteDiffusion("eps"), "empty", 0.7),
     ("dit", RectifiedFlow(), "learned", 0.85),   # flow's velocity target has a high floor at small t
+    ("mmdit", RectifiedFlow(), "learned", 0.85),
     ("unet", DiscreteDiffusion("v", zero_terminal_snr=True, min_snr_gamma=5.0), "learned", 0.9)],
-    ids=["unet-eps", "dit-flow-learned-null", "unet-v-minsnr"])
+    ids=["unet-eps", "dit-flow-learned-null", "mmdit-flow-learned-null", "unet-v-minsnr"])
 def test_training_step_lowers_the_loss(text_encoder, kind, objective, null, ratio):
     """Validation loss (fixed seed, five fixed noise levels) after 60 AdamW steps on 8 random latents is
     below `ratio` times its value at initialisation."""

@@ -1,6 +1,6 @@
 """The locked environment (`requirements/cpu.lock`) against the one that is running.
 
-`make install` checks the fresh `.venv` with `python -m launch.lockfile LOCK` (exit 1 on drift); `ldm bench
+`make install` checks the fresh `.venv` with `python -m launch.runtime.lockfile LOCK` (exit 1 on drift); `ldm bench
 report` and `ldm demo --readme` warn when the versions that produced their figures are not the locked ones.
 """
 from __future__ import annotations
