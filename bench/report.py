@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 from .common import RESULTS, RESULTS_ENV
@@ -51,6 +52,14 @@ def _host_line(result: dict) -> str:
     return ", ".join(str(p) for p in parts if p)
 
 
+def drift_warnings(result: dict) -> list[str]:
+    """The lock check for one result: its recorded torch / diffusers against requirements/cpu.lock."""
+    from launch.runtime.lockfile import warn_if_drifted
+
+    h = result.get("host") or {}
+    return warn_if_drifted({k: h[k] for k in ("torch", "diffusers") if h.get(k)})
+
+
 def section(name: str, results: Path) -> str:
     heading, what, command = SECTIONS[name]
     js, md = results / f"{name}.json", results / f"{name}.md"
@@ -60,7 +69,8 @@ def section(name: str, results: Path) -> str:
     if result.get("skipped"):
         return f"#### {heading}\n\nSkipped: {result['skipped']}.\n"
     host = _host_line(result)
-    return (f"#### {heading}\n\n{what}\n\n{md.read_text().rstrip()}\n\n"
+    drifted = "".join(f"\n> **Not the locked versions:** {w}\n" for w in drift_warnings(result))
+    return (f"#### {heading}\n\n{what}\n{drifted}\n{md.read_text().rstrip()}\n\n"
             f"<sub>`{command}` -> `bench/results/{name}.json`" + (f"; {host}" if host else "") + "</sub>\n")
 
 
@@ -90,6 +100,11 @@ def main(argv=None) -> int:
     if args.print:
         print(render(Path(args.results)))
         return 0
+    for name in SECTIONS:
+        js = Path(args.results) / f"{name}.json"
+        if js.is_file():
+            for w in drift_warnings(json.loads(js.read_text())):
+                print(f"warning: bench/results/{name}.json: {w}", file=sys.stderr)
     changed = update_readme(Path(args.readme), Path(args.results))
     print(f"{args.readme}: Performance block {'updated' if changed else 'unchanged'}")
     return 0

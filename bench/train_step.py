@@ -6,7 +6,8 @@ the runtime trains):
 1. check that both compute the same function before timing anything (peer loaded with our weights; fp32
    outputs within the converters' test tolerances; in bf16 our error against the fp32 output may be at
    most 1.5x the peer's own bf16 error);
-2. count FLOPs of one training step (forward + backward) with `torch.utils.flop_counter.FlopCounterMode`;
+2. count FLOPs of one training step (forward + backward) with `torch.utils.flop_counter.FlopCounterMode`
+   (plus the dense forward of both sides and our caption-packing saving: `flop_accounting`);
 3. time training steps (forward, loss, backward, torch AdamW(fused) step) of ours and the peer alternately,
    A B A B, in this one process with the same batch, dtype, optimizer and threads; report medians.
 MFU = nominal FLOPs per step x steps per second / the GEMM peak measured in the same run (`bench/peak.py`)
@@ -81,20 +82,41 @@ def equality(pair: M.Pair, device: str = "cpu") -> dict:
             "same_function": fp32_diff <= tol and ours_err <= BF16_REL_TOL * peer_err + 1e-6}
 
 
-def count_flops(pair: M.Pair, side: str, dtype: str, device: str = "cpu") -> int:
-    """FLOPs of one training forward + backward (FlopCounterMode; matmuls, convolutions and attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def count_flops(pair: M.Pair, side: str, dtype: str, device: str = "cpu", *, backward: bool = True,
+                dense: bool = False) -> int:
+    """FLOPs of one training forward (+ backward) as FlopCounterMode counts matmuls, convolutions and
+    attention. `dense`: every caption token marked valid, so ours does the peer's dense work (no packing)."""
+    from launch.plan.measure import flop_counter   # counts SDPA's CPU kernel too (torch 2.14 does not)
 
     module = pair.ours if side == "ours" else pair.theirs
     run = pair.run_ours if side == "ours" else pair.run_theirs
     inputs = {k: v.to(device) for k, v in pair.inputs.items()}
-    counter = FlopCounterMode(display=False)
-    with counter:
+    if dense and "mask" in inputs:
+        inputs["mask"] = torch.ones_like(inputs["mask"])
+    counter = flop_counter()
+    with counter, torch.set_grad_enabled(backward):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             loss = pair.loss(run(module, inputs), inputs)
-        loss.backward()
+        if backward:
+            loss.backward()
     module.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
+
+
+def flop_accounting(pair: M.Pair, dtype: str, device: str = "cpu") -> dict:
+    """What the FLOP counts say, each from a count (nothing assumed):
+    - the forward pass on dense captions is the same work on both sides: equal counts (the attention
+      formula for a forward is the same for SDPA kernels and for explicit matmuls);
+    - a training step's counts can differ for the same work: SDPA's flash backward recomputes the scores
+      (counted as 2.5x the forward attention) where attention written as matmuls has a 2x backward;
+    - caption packing (ours skips padded caption tokens) saves `packing_saving` of our step's count."""
+    fwd_peer = count_flops(pair, "peer", dtype, device, backward=False)
+    fwd_ours_dense = count_flops(pair, "ours", dtype, device, backward=False, dense=True)
+    step_ours_dense = count_flops(pair, "ours", dtype, device, dense=True)
+    step_ours = count_flops(pair, "ours", dtype, device)
+    return {"peer_forward_flops": fwd_peer, "ours_dense_forward_flops": fwd_ours_dense,
+            "ours_dense_flops_per_step": step_ours_dense, "ours_flops_per_step": step_ours,
+            "packing_saving": round(1 - step_ours / step_ours_dense, 4) if step_ours_dense else 0.0}
 
 
 def compare(model: str, dtype: str, *, repeats: int, peak: dict, threads: int, quick: bool = False,
@@ -111,7 +133,7 @@ def compare(model: str, dtype: str, *, repeats: int, peak: dict, threads: int, q
     if not eq["same_function"]:
         raise AssertionError(f"{model}: ours and {pair.peer} do not compute the same function: {eq}")
     nominal = count_flops(pair, "peer", dtype, device)
-    ours_flops = count_flops(pair, "ours", dtype, device)
+    flops = flop_accounting(pair, dtype, device)
     if compile:
         pair.ours, pair.theirs = torch.compile(pair.ours), torch.compile(pair.theirs)
     steps = [M.trainer(pair, "ours", _dtype(dtype), device=device), M.trainer(pair, "peer", _dtype(dtype), device=device)]
@@ -133,9 +155,10 @@ def compare(model: str, dtype: str, *, repeats: int, peak: dict, threads: int, q
         "ours_step_ms": round(1e3 * t_ours, 2), "peer_step_ms": round(1e3 * t_peer, 2),
         "ours_step_ms_all": [round(1e3 * t, 2) for t in times[0]],
         "peer_step_ms_all": [round(1e3 * t, 2) for t in times[1]],
-        "flops_per_step": nominal, "ours_flops_per_step": ours_flops,
+        "flops_per_step": nominal, **flops,
         "peak_gflops": peak_for(peak, dtype),
-        "ours_mfu": round(nominal / t_ours / pk, 4), "peer_mfu": round(nominal / t_peer / pk, 4),
+        # four significant digits, not decimals: tiny quick-mode models sit near 0.1 % MFU
+        "ours_mfu": float(f"{nominal / t_ours / pk:.4g}"), "peer_mfu": float(f"{nominal / t_peer / pk:.4g}"),
         "target_ratio": target, "meets_target": None if target is None or quick else ratio >= target,
         "equality": eq,
         "compile": compile, "channels_last": channels_last,

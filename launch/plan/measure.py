@@ -26,11 +26,42 @@ from torch import nn
 
 # ----------------------------------------------------------------------------- FLOPs
 
-def count_flops(module: nn.Module, *args, **kwargs) -> int:
-    """Forward FLOPs of `module(*args, **kwargs)` as torch.utils.flop_counter counts them."""
+def _cpu_attention_formulas() -> dict:
+    """FLOP formulas for the CPU flash-attention kernels when this torch has none.
+
+    torch 2.14's flop_counter registers SDPA's CUDA kernels (flash, efficient, cudnn) but not
+    `_scaled_dot_product_flash_attention_for_cpu` and its backward, which `F.scaled_dot_product_attention`
+    dispatches to on CPU: there, attention through SDPA counted zero FLOPs while attention written as two
+    matmuls counted in full, so any comparison of two models on CPU depended on how each wrote attention.
+    The CPU kernel does the same dense work as the CUDA ones, so it gets the same formulas."""
+    from torch.utils import flop_counter as fc
+
+    def forward(query, key, value, *args, out_val=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query.shape, key.shape, value.shape)
+
+    def backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+    forward._get_raw = backward._get_raw = True   # take tensors as they come (FlopCounterMode's convention)
+    aten, mapping = torch.ops.aten, {}
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", forward),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward", backward)):
+        op = getattr(aten, name, None)
+        if op is not None and op not in fc.flop_registry:   # keyed by packet, as FlopCounterMode looks up
+            mapping[op] = formula
+    return mapping
+
+
+def flop_counter():
+    """A FlopCounterMode that counts attention on every device (see _cpu_attention_formulas)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    mode = FlopCounterMode(display=False)
+    return FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas())
+
+
+def count_flops(module: nn.Module, *args, **kwargs) -> int:
+    """Forward FLOPs of `module(*args, **kwargs)` as torch.utils.flop_counter counts them."""
+    mode = flop_counter()
     with mode, torch.no_grad():
         module(*args, **kwargs)
     return int(mode.get_total_flops())

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LOCK = REPO_ROOT / "requirements" / "cpu.lock"
 _PIN = re.compile(r"^\s*([A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*==\s*([^\s;#\\]+)")
 
@@ -75,11 +75,13 @@ def warn_if_drifted(versions: dict[str, str], lock: str | Path = DEFAULT_LOCK) -
     if not Path(lock).exists():
         return [f"no lock at {lock}: the versions behind these figures are not pinned"]
     pins = read_lock(lock)
+    shown = Path(lock).resolve()
+    shown = shown.relative_to(REPO_ROOT) if shown.is_relative_to(REPO_ROOT) else shown
     out = []
     for name, version in versions.items():
         locked = pins.get(normalize(name))
         if locked is not None and _public(locked) != _public(str(version)):
-            out.append(f"{name} {version} differs from the lock's {locked} ({lock}): "
+            out.append(f"{name} {version} differs from the lock's {locked} ({shown}): "
                        f"these figures are not what `make install` gives a new user")
     return out
 
