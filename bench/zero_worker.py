@@ -8,7 +8,7 @@ the runtime does), run one training step, and count the bytes this rank holds:
   reduction buckets), unique storages only;
 - optimizer: AdamW state (exp_avg, exp_avg_sq, step), `launch.runtime.engine.optimizer_state_bytes`.
 Each rank writes OUT/rank{r}.json. Engines and the process group are destroyed explicitly (gloo can abort
-at interpreter exit otherwise, DESIGN.md §8).
+at interpreter exit otherwise, ARCHITECTURE.md §8).
 """
 from __future__ import annotations
 

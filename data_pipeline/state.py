@@ -1,6 +1,6 @@
 """Resumable position: seeds as pure functions, and the loader state as a plain dict.
 
-WebDataset keeps no position of its own (DESIGN.md §8). Here every random choice of a worker
+WebDataset keeps no position of its own (ARCHITECTURE.md §8). Here every random choice of a worker
 comes from `derive_seed(seed, epoch, rank, worker, ...)`, so a worker's stream of raw
 (undecoded) samples is a pure function of those numbers. A batch carries how many raw samples
 its worker had pulled when it was made; the trainer-side loader records that for each batch

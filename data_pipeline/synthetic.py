@@ -1,4 +1,4 @@
-"""The embedded captioned-shapes data (DESIGN.md §5).
+"""The embedded captioned-shapes data (ARCHITECTURE.md §6).
 
 One filled shape on a flat background, caption `a {color} {shape} on a {background} background`,
 color != background, shape side 30-60 % of the image side, fully inside the frame. Sample i

@@ -1,6 +1,6 @@
 """Image transforms: decode to RGB, EXIF orientation, resize + crop, flip, aspect buckets, json filters.
 
-Decoding is the pipeline's floor (DESIGN.md §8): a JPEG is asked for a reduced scale first
+Decoding is the pipeline's floor (ARCHITECTURE.md §8): a JPEG is asked for a reduced scale first
 (`Image.draft`, the decoder's DCT scaling), and the crop is resized straight from its source box,
 so no pixel is decoded or resampled twice.
 """

@@ -229,3 +229,19 @@ def test_the_checker_finds_a_cycle():
     g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert find_cycles(g) == [["a", "b", "c", "a"]]
     assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_architecture_page_names_every_room_and_nothing_cites_outside_the_repo():
+    """docs/ARCHITECTURE.md is the repository's own map: each launch/ room has a row there, and no file
+    cites a design document that is not in the repository."""
+    page = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    missing = [room for room in ROOMS if room != "launch" and f"`launch/{room}/`" not in page]
+    assert not missing, f"rooms without a row in docs/ARCHITECTURE.md: {missing}"
+    on_disk = {p.name for p in (REPO / "launch").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert on_disk == set(ROOMS) - {"launch"}, on_disk
+    outside = "DESIGN" + ".md"     # spelled apart so this file does not cite it either
+    cites = [str(p.relative_to(REPO)) for pkg in PACKAGES + ("docs", "tests", "configs")
+             for p in (REPO / pkg).rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".sh")
+             and outside in p.read_text(errors="ignore")]
+    cites += [name for name in ("README.md", "Makefile") if outside in (REPO / name).read_text()]
+    assert not cites, cites

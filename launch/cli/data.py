@@ -9,7 +9,7 @@ NAME = "data"
 HELP = "data tools: synthetic shards, images/CSV/parquet to shards, inspection, precomputed latents"
 DESCRIPTION = """Data tools for img2dataset-layout WebDataset shards (NNNNN.tar + .parquet + _stats.json).
 
-  ldm data synth OUT --num N --size S [--seed K] [--shard-size M]   captioned shapes (DESIGN.md §5)
+  ldm data synth OUT --num N --size S [--seed K] [--shard-size M]   captioned shapes (ARCHITECTURE.md §6)
   ldm data write SRC OUT                                            folder with sidecar .txt, or CSV/parquet
   ldm data inspect URLS [--json]                                    good samples, bad samples by reason, sizes
   ldm data precompute CONFIG --autoencoder EXPORT_DIR --out OUT     latents + text embeddings for stage two

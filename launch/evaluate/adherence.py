@@ -1,6 +1,6 @@
 """`ldm eval adherence`: does an image show what its synthetic caption says? Judged from the pixels.
 
-Captions are those of the embedded data (DESIGN.md §5): `a {color} {shape} on a {background} background`.
+Captions are those of the embedded data (ARCHITECTURE.md §6): `a {color} {shape} on a {background} background`.
 The judge knows the eight palette colors and reads an RGB image as follows:
 
 1. Every pixel gets the nearest palette color (Euclidean RGB).

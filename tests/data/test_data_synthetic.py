@@ -1,4 +1,4 @@
-"""The synthetic captioned shapes obey DESIGN.md §5 and are reproducible; held-out triples stay out."""
+"""The synthetic captioned shapes obey ARCHITECTURE.md §6 and are reproducible; held-out triples stay out."""
 from __future__ import annotations
 
 import io
