@@ -8,7 +8,7 @@ Rules that span sections (for example `conditioning.null_embedding: learned` nee
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 QKNorm = Literal["none", "rms", "layer"]
 
@@ -175,7 +175,14 @@ class ObjectiveConfig:
     time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = field(default=1.0, metadata={"gt": 0})
-    shift: float = field(default=1.0, metadata={"gt": 0})     # SD3 time shift t' = s t / (1 + (s - 1) t)
+    # SD3 time shift t' = s t / (1 + (s - 1) t) (s > 1: more time near the noise end). A number, or "auto":
+    # SD3's resolution rule (Esser et al. 2024, sec. 5.3.2) s = shift_base * sqrt(m / n), m the image
+    # token count of the batch's latents and n that of the base resolution; with h x w latents and patch p,
+    # m / n = (h w / p^2) / (shift_base_latent^2 / p^2) = h w / shift_base_latent^2 (p cancels, so the same
+    # rule holds for a UNet). Training draws t with the batch's s; sampling uses the s of the noise's size.
+    shift: Union[float, Literal["auto"]] = field(default=1.0, metadata={"gt": 0})
+    shift_base: float = field(default=1.0, metadata={"gt": 0})       # s at the base resolution (auto only)
+    shift_base_latent: int = field(default=32, metadata={"ge": 1})   # latent side of the base resolution
     # all kinds
     min_snr_gamma: Optional[float] = field(default=None, metadata={"gt": 0})   # null: unweighted
     offset_noise: float = field(default=0.0, metadata={"ge": 0})
@@ -185,6 +192,8 @@ class ObjectiveConfig:
             raise ValueError(f"beta_end {self.beta_end} must exceed beta_start {self.beta_start}")
         if self.zero_terminal_snr and self.kind != "v":
             raise ValueError("zero_terminal_snr needs kind: v (eps prediction cannot recover data at SNR 0)")
+        if self.shift == "auto" and self.kind != "flow":
+            raise ValueError(f"shift: auto applies to kind: flow only (got kind: {self.kind})")
 
 
 @dataclass

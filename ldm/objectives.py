@@ -30,6 +30,7 @@ same noise.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,6 +42,11 @@ from .schedules import alphas_cumprod
 def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Broadcast a [B] tensor against [B, ...]."""
     return v.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def spatial_size(x: torch.Tensor) -> Optional[tuple[int, int]]:
+    """(h, w) of image-like latents [B, C, h, w]; None for other shapes (2-D toy data)."""
+    return (int(x.shape[-2]), int(x.shape[-1])) if x.dim() == 4 else None
 
 
 def _device_of(generator: Optional[torch.Generator], fallback) -> torch.device:
@@ -76,11 +82,13 @@ class Objective:
     def from_unit_time(self, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def sample_t(self, n: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample_t(self, n: int, device=None, generator: Optional[torch.Generator] = None,
+                 latent_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """`latent_hw`: the latents' spatial size, for a resolution-dependent time shift (flow, shift auto)."""
         raise NotImplementedError
 
-    def sampling_times(self, steps: int, spacing: str = "trailing", shift: Optional[float] = None
-                       ) -> torch.Tensor:
+    def sampling_times(self, steps: int, spacing: str = "trailing", shift: Optional[float] = None,
+                       latent_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Descending native times [steps + 1] from the noise end to the clean end (last entry)."""
         raise NotImplementedError
 
@@ -131,7 +139,7 @@ class Objective:
                         generator: Optional[torch.Generator] = None) -> TrainingInputs:
         """Sample (or take) time and noise; build x_t, the target and the per-sample weight."""
         if t is None:
-            t = self.sample_t(x0.shape[0], device=x0.device, generator=generator)
+            t = self.sample_t(x0.shape[0], device=x0.device, generator=generator, latent_hw=spatial_size(x0))
         t = t.to(x0.device)
         if noise is None:
             noise = self.sample_noise(x0, generator)
@@ -208,12 +216,12 @@ class DiscreteDiffusion(Objective):
     def from_unit_time(self, u):
         return torch.round(u.float() * (self.num_timesteps - 1))
 
-    def sample_t(self, n, device=None, generator=None):
+    def sample_t(self, n, device=None, generator=None, latent_hw=None):
         dev = _device_of(generator, device or "cpu")
         t = torch.randint(0, self.num_timesteps, (n,), generator=generator, device=dev)
         return t.float().to(device or dev)
 
-    def sampling_times(self, steps, spacing="trailing", shift=None):
+    def sampling_times(self, steps, spacing="trailing", shift=None, latent_hw=None):
         T = self.num_timesteps
         steps = min(int(steps), T)
         if spacing == "trailing":   # includes T-1 (pure noise under zero-terminal-SNR); Lin et al.
@@ -264,12 +272,19 @@ class RectifiedFlow(Objective):
     kind = "flow"
 
     def __init__(self, time_sampling: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
-                 shift: float = 1.0, min_snr_gamma: Optional[float] = None, offset_noise: float = 0.0):
+                 shift: float | str = 1.0, min_snr_gamma: Optional[float] = None, offset_noise: float = 0.0,
+                 shift_base: float = 1.0, shift_base_latent: int = 32):
         if time_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"time_sampling {time_sampling!r}: expected uniform or logit_normal")
+        if not (shift == "auto" or (isinstance(shift, (int, float)) and not isinstance(shift, bool) and shift > 0)):
+            raise ValueError(f"objective.shift = {shift!r}: expected a number > 0 or 'auto'")
+        if shift == "auto" and not (shift_base > 0 and shift_base_latent >= 1):
+            raise ValueError(f"objective.shift_base = {shift_base!r} must be > 0 and objective.shift_base_latent "
+                             f"= {shift_base_latent!r} >= 1")
         self.time_sampling = time_sampling
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.shift = shift
+        self.shift_base, self.shift_base_latent = float(shift_base), int(shift_base_latent)
         self.min_snr_gamma = min_snr_gamma
         self.offset_noise = offset_noise
 
@@ -277,6 +292,16 @@ class RectifiedFlow(Objective):
     def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
         """SD3's resolution shift: more time near the noise end for shift > 1."""
         return t if shift == 1 else shift * t / (1 + (shift - 1) * t)
+
+    def shift_for(self, latent_hw: Optional[tuple[int, int]] = None) -> float:
+        """The time shift at latents of spatial size `latent_hw`: the fixed `shift`, or with shift "auto"
+        SD3's rule shift_base * sqrt(m / n) = shift_base * sqrt(h w) / shift_base_latent (ldm/config.py)."""
+        if self.shift != "auto":
+            return float(self.shift)
+        if latent_hw is None:
+            raise ValueError("objective.shift is 'auto': the time shift needs the latents' size (latent_hw)")
+        h, w = (int(v) for v in latent_hw)
+        return self.shift_base * math.sqrt(h * w) / self.shift_base_latent
 
     def coefficients(self, t):
         t = t.float()
@@ -291,17 +316,17 @@ class RectifiedFlow(Objective):
     def from_unit_time(self, u):
         return u.float()
 
-    def sample_t(self, n, device=None, generator=None):
+    def sample_t(self, n, device=None, generator=None, latent_hw=None):
         dev = _device_of(generator, device or "cpu")
         if self.time_sampling == "uniform":
             t = torch.rand(n, generator=generator, device=dev)
         else:
             t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator, device=dev))
-        return self.shift_time(t, self.shift).to(device or dev)
+        return self.shift_time(t, self.shift_for(latent_hw)).to(device or dev)
 
-    def sampling_times(self, steps, spacing="trailing", shift=None):
+    def sampling_times(self, steps, spacing="trailing", shift=None, latent_hw=None):
         u = torch.linspace(1, 0, int(steps) + 1, dtype=torch.float64)
-        return self.shift_time(u, self.shift if shift is None else shift).float()
+        return self.shift_time(u, self.shift_for(latent_hw) if shift is None else shift).float()
 
     def ode_coords(self, t):
         t = t.float()
@@ -328,6 +353,6 @@ def build_objective(cfg) -> Objective:
     """ObjectiveConfig -> Objective."""
     if cfg.kind == "flow":
         return RectifiedFlow(cfg.time_sampling, cfg.logit_mean, cfg.logit_std, cfg.shift,
-                             cfg.min_snr_gamma, cfg.offset_noise)
+                             cfg.min_snr_gamma, cfg.offset_noise, cfg.shift_base, cfg.shift_base_latent)
     return DiscreteDiffusion(cfg.kind, cfg.schedule, cfg.num_timesteps, cfg.beta_start, cfg.beta_end,
                              cfg.zero_terminal_snr, cfg.min_snr_gamma, cfg.offset_noise)

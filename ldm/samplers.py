@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .objectives import Objective
+from .objectives import Objective, spatial_size
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
@@ -171,11 +171,13 @@ def sample(name: str, model: Denoiser, objective: Objective, noise: torch.Tensor
            generator: Optional[torch.Generator] = None, callback=None, clip_x0: Optional[float] = None
            ) -> torch.Tensor:
     """Run sampler `name` from `noise` (x at the noise end, N(0, I)) for `steps` network evaluations
-    (heun: up to twice that). Returns the clean sample x0 (in latent units). `eta` applies to ddim only;
+    (heun: up to twice that). `shift` overrides the flow objective's time shift (None: the objective's,
+    which with shift "auto" follows the noise's latent size, as training does). Returns the clean sample
+    x0 (in latent units). `eta` applies to ddim only;
     `clip_x0` clamps every data estimate to [-c, c] (diffusers' clip_sample)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
-    times = objective.sampling_times(steps, spacing=spacing, shift=shift)
+    times = objective.sampling_times(steps, spacing=spacing, shift=shift, latent_hw=spatial_size(noise))
     kwargs = dict(generator=generator, callback=callback, clip_x0=clip_x0)
     if name == "ddim":
         kwargs["eta"] = eta
