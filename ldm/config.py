@@ -161,6 +161,37 @@ class TextEncoderConfig:
 
 
 @dataclass
+class TextEncoderEntry(TextEncoderConfig):
+    """One entry of `text.encoders`: an open_clip tower (the fields above) or a T5 encoder (below)."""
+    kind: Literal["open_clip", "t5"] = "open_clip"
+    path: Optional[str] = None          # t5: folder written by save_pretrained (config.json, weights, tokenizer.json)
+    max_length: int = field(default=256, metadata={"ge": 1})        # t5: tokens per caption (padded, truncated)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"    # t5: weights and compute of the frozen encoder
+    # Train-time probability that this encoder's output (hidden states, mask, pooled) is replaced by its
+    # empty-prompt output, drawn per sample and per encoder independently (SD3: 0.464 each, so that all
+    # three are dropped together ~10% of the time); on top of conditioning.dropout_prob, which drops all.
+    dropout_prob: float = field(default=0.0, metadata={"ge": 0, "le": 1})
+
+    def validate(self) -> None:
+        if self.kind == "t5":
+            if not self.path:
+                raise ValueError("kind: t5 needs path (the folder of a saved T5 encoder and its tokenizer)")
+            if self.layer != "last":
+                raise ValueError("kind: t5 takes the last layer (T5's final norm applies to it only)")
+        elif self.path is not None:
+            raise ValueError("path is for kind: t5; an open_clip tower takes arch / pretrained")
+
+
+@dataclass
+class TextConfig:
+    """Several frozen text encoders joined as SD3 does (ldm/text_encoders.py): the open_clip towers'
+    hidden states concatenated on channels (list order), zero-padded to the joined width (T5's), then the
+    T5 states appended on the sequence axis; masks joined the same way; pooled vectors of the open_clip
+    towers concatenated (T5 has none). Empty list: the single `text_encoder:` section is the one encoder."""
+    encoders: list[TextEncoderEntry] = field(default_factory=list)
+
+
+@dataclass
 class ObjectiveConfig:
     """Training objective. Time convention (see ldm/objectives.py): larger t is noisier; eps and v use a
     discrete index t in {0..T-1} (fed as is), flow uses t in [0, 1] with t = 1 pure noise (fed as 1000 t)."""

@@ -116,8 +116,8 @@ class DiffusionStage:
         """Build from a root config (attributes denoiser, text_encoder, objective, conditioning, latents,
         sampling). The text encoder is built through open_clip unless one is given or disabled."""
         if text_encoder is None and build_text_encoder:
-            from .text import build_text_encoder as _build_text
-            text_encoder = _build_text(cfg.text_encoder)
+            from .text_encoders import build_text_encoders
+            text_encoder = build_text_encoders(cfg)      # text.encoders, or the single text_encoder section
         if text_encoder is not None and cfg.conditioning.null_embedding == "learned":
             length = getattr(text_encoder, "context_length", None)
             if length is not None and cfg.denoiser.learned_null_tokens != length:
@@ -170,7 +170,7 @@ class DiffusionStage:
     def training_step(self, nets: Mapping[str, nn.Module], batch: dict, step: int):
         net = nets[self.main_module]
         z = self.encode_latents(batch)
-        cond = self.condition(batch)
+        cond = self.condition(batch, train=True)
         drop_rate = 0.0
         if self.conditioning.dropout_prob > 0:
             cond, drop = apply_condition_dropout(cond, self.conditioning.dropout_prob,
@@ -181,6 +181,8 @@ class DiffusionStage:
         loss = self.objective.loss(pred, inputs.target, inputs.weight)
         logs = {"loss": loss.detach(), "t_mean": self.objective.unit_time(inputs.t).mean(),
                 "cond_drop": drop_rate}
+        if hasattr(self.objective, "shift_for"):
+            logs["t_shift"] = self.objective.shift_for(tuple(z.shape[-2:]))
         return {"denoiser": loss}, logs
 
     @torch.no_grad()
@@ -216,8 +218,9 @@ class DiffusionStage:
     def _empty_cond(self) -> Optional[dict]:
         if self._empty is None:
             return None
-        return self.condition({"text_hidden": self._empty["text_hidden"], "text_mask": self._empty["text_mask"],
-                               "text_pooled": self._empty.get("text_pooled")})
+        e = self._empty
+        return self._cond_dict(self._to_device(e["text_hidden"]).float(), self._to_device(e["text_mask"]).bool(),
+                               self._to_device(e.get("text_pooled")))
 
     @torch.no_grad()
     def encode_latents(self, batch: dict, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -240,8 +243,20 @@ class DiffusionStage:
         return ((z.float() - self.latents.shift_factor) * self.latents.scaling_factor)
 
     @torch.no_grad()
-    def condition(self, batch: dict) -> dict:
-        """Batch -> denoiser condition dict (context, context_mask, pooled)."""
+    def condition(self, batch: dict, train: bool = False) -> dict:
+        """Batch -> denoiser condition dict (context, context_mask, pooled). Several text encoders
+        (ldm/text_encoders.py): per-encoder parts (precomputed or encoded here), each dropped to its
+        empty-prompt part with its own probability when `train`, then joined."""
+        joiner = self.text_encoder if hasattr(self.text_encoder, "parts_from_batch") else None
+        if joiner is not None and ("text_hidden" in batch or "caption" in batch):
+            if "text_hidden" in batch:
+                parts = [{k: self._to_device(v) for k, v in p.items()} for p in joiner.parts_from_batch(batch)]
+            else:
+                parts = joiner.encode_parts(list(batch["caption"]))
+            if train and joiner.drops_any:
+                parts, _ = joiner.drop_parts(parts)
+            enc = joiner.join(parts)
+            return self._cond_dict(enc["text_hidden"].float(), enc["text_mask"].bool(), enc.get("text_pooled"))
         if "text_hidden" in batch:
             hidden = self._to_device(batch["text_hidden"]).float()
             mask = batch.get("text_mask")
@@ -255,6 +270,9 @@ class DiffusionStage:
             hidden, mask, pooled = enc["text_hidden"], enc["text_mask"], enc.get("text_pooled")
         else:
             raise KeyError("batch has neither 'text_hidden' (precomputed) nor 'caption'")
+        return self._cond_dict(hidden, mask, pooled)
+
+    def _cond_dict(self, hidden: torch.Tensor, mask: torch.Tensor, pooled: Optional[torch.Tensor]) -> dict:
         cond = {"context": hidden}
         if self.conditioning.use_text_mask:
             cond["context_mask"] = mask

@@ -1,5 +1,5 @@
 """`ldm data precompute`: encode a diffusion config's shards with a trained autoencoder and its
-text encoder, into shards stage two reads with `data.kind: precomputed`.
+text encoder(s), into shards stage two reads with `data.kind: precomputed`.
 
 The data side (`data_pipeline.precompute`) is model-agnostic; this file supplies the encoders.
 Ranks (RANK/WORLD_SIZE from torchrun, or SLURM_PROCID/SLURM_NTASKS) own fixed slices of the shard
@@ -43,14 +43,15 @@ def precompute(cfg: Config, autoencoder_dir: str | Path, out: str | Path, *, bat
                overwrite: bool = False, progress: bool = True) -> dict:
     from data_pipeline.precompute import precompute_shards
     from data_pipeline.shards import expand_urls
-    from ldm.text import build_text_encoder
+    from ldm.text_encoders import build_text_encoders, encode_for_storage, text_encoder_entries
 
     from .exportdir import load_autoencoder
 
     rank, world = _rank_world()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     autoencoder, ae_config = load_autoencoder(autoencoder_dir, dev)
-    text = build_text_encoder(cfg.text_encoder).to(dev)
+    # Several text encoders: every encoder's output is stored on its own (ldm/text_encoders.py says why)
+    text = build_text_encoders(cfg).to(dev)
     flip = flip or ("pair" if getattr(cfg.data, "flip_prob", 0.0) > 0 else "none")
     total = len(expand_urls(cfg.data.urls))
     bar = task_bar(total=0, desc=f"precompute (rank {rank})", unit="img", enabled=progress)
@@ -63,7 +64,7 @@ def precompute(cfg: Config, autoencoder_dir: str | Path, out: str | Path, *, bat
     try:
         summary = precompute_shards(cfg.data, cfg.data.urls, out, encode_images=image_encoder(autoencoder, dev),
                                     encode_captions=lambda caps: {k: v.float() if v.is_floating_point() else v
-                                                                  for k, v in text(caps).items()},
+                                                                  for k, v in encode_for_storage(text, caps).items()},
                                     rank=rank, world_size=world, batch_size=batch_size, flip=flip, dtype=dtype,
                                     overwrite=overwrite, progress=on_progress)
     finally:
@@ -72,6 +73,8 @@ def precompute(cfg: Config, autoencoder_dir: str | Path, out: str | Path, *, bat
         info = {"autoencoder": str(Path(autoencoder_dir).resolve()),
                 "scaling_factor": ae_config.get("scaling_factor"), "shift_factor": ae_config.get("shift_factor"),
                 "autoencoder_step": ae_config.get("step"), "text_encoder": to_plain(cfg.text_encoder),
+                "text_encoders": [to_plain(e) for e in text_encoder_entries(cfg)],
+                "text_layout": "per-encoder: encoder i >= 1 as text_hidden_i, text_mask_i, text_pooled_i",
                 "source_urls": list(cfg.data.urls), "source_shards": total, "image_size": cfg.data.image_size,
                 "flip": flip, "dtype": dtype}
         Path(out, "precompute.json").write_text(json.dumps(info, indent=1))

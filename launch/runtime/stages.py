@@ -34,6 +34,14 @@ def check(cfg: Config) -> None:
         raise ConfigError("config key 'data.urls' is empty: give shard URLs (local, brace patterns or pipe:)")
     if cfg.stage != "diffusion":
         return
+    for i, entry in enumerate(cfg.text.encoders):
+        if entry.kind == "t5":
+            from ldm.t5 import resolve_t5_folder
+
+            try:
+                resolve_t5_folder(entry.path, f"text.encoders[{i}].path")
+            except FileNotFoundError as e:
+                raise ConfigError(str(e)) from None
     if cfg.latents.source == "precomputed" and cfg.data.kind != "precomputed":
         raise ConfigError("config key 'latents.source' = 'precomputed' needs data.kind = 'precomputed' "
                           f"(got {cfg.data.kind!r})")

@@ -43,3 +43,29 @@ def tiny_text_checkpoint(tiny_text_config, tmp_path_factory):
     path = tmp_path_factory.mktemp("open_clip_ckpt") / "tiny_text.pt"
     torch.save(model.state_dict(), path)
     return TINY_TEXT_ARCH, path, model
+
+
+TINY_T5_WORDS = ("a red green blue yellow black white orange purple circle square triangle star on the of and "
+                 "background left right above below two three").split()
+
+
+def save_tiny_t5(folder, d_model: int = 96, seed: int = 0):
+    """A tiny T5 encoder and its tokenizer saved with save_pretrained, built offline: transformers'
+    T5Tokenizer (tokenizers-backed Unigram) over a word vocabulary, T5EncoderModel from a T5Config."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -3.0) for w in TINY_T5_WORDS]
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(str(folder))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cfg = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                       feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+        T5EncoderModel(cfg).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory):
+    """Folder of a tiny T5 encoder (d_model 96, 2 layers) and its tokenizer."""
+    return save_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))
