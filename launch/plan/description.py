@@ -2,8 +2,9 @@
 (built on the meta device), its per-sample forward counts (launch/plan/denoisers.py) and the frozen
 models beside it.
 
-Frozen models (fp32, never partitioned): the open_clip text tower (resident: ldm.training builds it
-even for precomputed data, to encode the empty prompt) and, when latents are encoded online
+Frozen models (never partitioned): every text encoder of the config (`text.encoders`, or the single
+`text_encoder`; resident: ldm.training builds them even for precomputed data, to encode the empty prompt;
+open_clip towers fp32, T5 in its `dtype`) and, when latents are encoded online
 (data.kind: raw), the whole autoencoder, whose no-grad encoder pass needs about
 `ENCODER_WORKING_SET` feature maps of the largest size per sample.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from .denoisers import dit_forward, unet_forward
-from .frozen import TextTower, autoencoder_forward, autoencoder_params, text_tower
+from .frozen import TextTower, autoencoder_forward, autoencoder_params, t5_tower, text_tower
 from .tape import ForwardCount
 from .zero import ParamInfo, param_info
 
@@ -26,7 +27,7 @@ from .zero import ParamInfo, param_info
 
 @dataclass
 class Frozen:
-    text_params: int
+    text_params: int                 # every text encoder together
     text_flops: int                  # per caption
     text_online: bool
     ae_params: int
@@ -35,6 +36,8 @@ class Frozen:
     image_bytes: int                 # the raw image batch, per sample
     ae_online: bool
     ae_assumed: Optional[str] = None
+    text_bytes: Optional[int] = None     # resident bytes of the text encoders (null: 4 per parameter)
+    text_encoders: list = field(default_factory=list)   # per encoder: kind, params, bytes
 
 
 @dataclass
@@ -85,12 +88,7 @@ def describe(cfg, policy: str = "cuda") -> Description:
     arch = d.unet if d.kind == "unet" else d.dit
     ckpt = bool(cfg.train.activation_checkpointing or arch.activation_checkpointing)
 
-    try:
-        tower = text_tower(cfg.text_encoder)
-    except Exception as e:  # noqa: BLE001 - an unknown arch should not stop a memory plan
-        tower = TextTower(width=768, layers=12, heads=12)
-        notes.append(f"text encoder {cfg.text_encoder.arch!r} not resolved ({e}); assumed a ViT-L/14 text tower")
-    ctx_len = tower.context_length
+    towers, ctx_len = _text_towers(cfg, notes)
     if d.kind == "unet":
         latent = (d.unet.in_channels, d.unet.sample_size, d.unet.sample_size)
     else:
@@ -113,7 +111,8 @@ def describe(cfg, policy: str = "cuda") -> Description:
         ae_flops, ae_map = enc.flops, enc.largest_tensor_bytes
     else:
         ae_flops = ae_map = 0
-    frozen = Frozen(text_params=tower.params, text_flops=tower.forward_flops(), text_online=online,
+    frozen = Frozen(text_params=sum(t["params"] for t in towers), text_flops=sum(t["flops"] for t in towers),
+                    text_bytes=sum(t["bytes"] for t in towers), text_encoders=towers, text_online=online,
                     ae_params=autoencoder_params(ae_cfg) if online else 0, ae_encoder_flops=ae_flops,
                     ae_largest_map=ae_map, image_bytes=3 * image * image * 4 if online else 0, ae_online=online,
                     ae_assumed=assumed if online else None)
@@ -122,6 +121,34 @@ def describe(cfg, policy: str = "cuda") -> Description:
                        ema=cfg.ema.enabled, ds_zero=zero, micro_batch=cfg.train.micro_batch_size,
                        grad_accum=cfg.train.grad_accum_steps, max_steps=cfg.train.max_steps, notes=notes,
                        comm_dtype=cfg.deepspeed.communication_data_type)
+
+
+def _text_towers(cfg, notes: list[str]) -> tuple[list[dict], int]:
+    """Every text encoder as {kind, name, params, bytes, flops}, and the joined token count the denoiser
+    sees (ldm/text_encoders.py: the longest open_clip length plus every T5's)."""
+    from ldm.text_encoders import text_encoder_entries
+
+    towers, clip_len, t5_len = [], 0, 0
+    for entry in text_encoder_entries(cfg):
+        if entry.kind == "t5":
+            try:
+                tower = t5_tower(entry)
+            except FileNotFoundError as e:
+                tower = t5_tower(dataclasses.replace(entry, path="t5-v1_1-xxl"))
+                notes.append(f"T5 text encoder not found ({e}); assumed T5 v1.1 XXL")
+            t5_len += tower.context_length
+            towers.append({"kind": "t5", "name": entry.path, "params": tower.params,
+                           "bytes": tower.params * tower.bytes_per_param, "flops": tower.forward_flops()})
+            continue
+        try:
+            tower = text_tower(entry)
+        except Exception as e:  # noqa: BLE001 - an unknown arch should not stop a memory plan
+            tower = TextTower(width=768, layers=12, heads=12)
+            notes.append(f"text encoder {entry.arch!r} not resolved ({e}); assumed a ViT-L/14 text tower")
+        clip_len = max(clip_len, tower.context_length)
+        towers.append({"kind": "open_clip", "name": entry.arch, "params": tower.params, "bytes": 4 * tower.params,
+                       "flops": tower.forward_flops()})
+    return towers, clip_len + t5_len
 
 
 def _autoencoder_config(cfg, latent):

@@ -1,5 +1,6 @@
 """The frozen models of stage two, counted per sample: the autoencoder's forward FLOPs and largest feature
-map (`autoencoder_forward`), its parameter count, and the open_clip text tower in closed form (`TextTower`)."""
+map (`autoencoder_forward`), its parameter count, and the text encoders in closed form: open_clip towers
+(`TextTower`) and T5 encoders (`T5Tower`), every entry of `text.encoders`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -186,3 +187,62 @@ def text_tower(text_cfg) -> TextTower:
     return TextTower(width=tc.get("width", 512), layers=tc.get("layers", 12), heads=tc.get("heads", 8),
                      context_length=ctx, vocab_size=tc.get("vocab_size", 49408), embed_dim=embed,
                      mlp_ratio=tc.get("mlp_ratio", 4.0))
+
+
+# T5 v1.1 encoder shapes (google/t5-v1_1-*'s config.json), for planning before the folder is downloaded:
+# a folder name ending in one of these is taken to be that model when its config.json is not there yet.
+T5_V1_1 = {"small": (512, 1024, 8, 6), "base": (768, 2048, 12, 12), "large": (1024, 2816, 24, 16),
+           "xl": (2048, 5120, 24, 32), "xxl": (4096, 10240, 24, 64)}     # d_model, d_ff, layers, heads
+
+
+@dataclass(frozen=True)
+class T5Tower:
+    """The shape of a T5 encoder (transformers' T5EncoderModel; from its config.json)."""
+    d_model: int
+    d_ff: int
+    layers: int
+    heads: int
+    d_kv: int = 64
+    vocab_size: int = 32128
+    gated: bool = True                  # feed_forward_proj gated-gelu (v1.1) or relu (original T5)
+    buckets: int = 32
+    context_length: int = 256           # max_length of the entry
+    bytes_per_param: int = 4
+
+    @property
+    def params(self) -> int:
+        """shared embedding, per layer (RMS norm, q k v o, RMS norm, wi(_0, _1), wo), the first layer's
+        relative position bias, final RMS norm."""
+        d, inner = self.d_model, self.heads * self.d_kv
+        ff = (3 if self.gated else 2) * d * self.d_ff
+        return self.vocab_size * d + self.layers * (2 * d + 4 * d * inner + ff) + self.buckets * self.heads + d
+
+    def forward_flops(self) -> int:
+        d, inner, L = self.d_model, self.heads * self.d_kv, self.context_length
+        per_layer = 2 * L * d * 4 * inner + 4 * L * L * inner + 2 * L * d * self.d_ff * (3 if self.gated else 2)
+        return self.layers * per_layer
+
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def t5_tower(entry) -> T5Tower:
+    """A `kind: t5` entry -> T5Tower, from the folder's config.json, else a T5 v1.1 size named by the folder."""
+    import json
+    from pathlib import Path
+
+    from ldm.t5 import resolve_t5_folder
+
+    common = {"context_length": entry.max_length, "bytes_per_param": _BYTES[entry.dtype]}
+    try:
+        c = json.loads((resolve_t5_folder(entry.path) / "config.json").read_text())
+    except FileNotFoundError:
+        name = Path(str(entry.path)).name.lower()
+        size = next((s for s in sorted(T5_V1_1, key=len, reverse=True) if name.endswith(s)), None)
+        if size is None:
+            raise
+        d, ff, layers, heads = T5_V1_1[size]
+        return T5Tower(d, ff, layers, heads, **common)
+    return T5Tower(c["d_model"], c["d_ff"], c["num_layers"], c["num_heads"], c.get("d_kv", 64),
+                   c.get("vocab_size", 32128), str(c.get("feed_forward_proj", "relu")).startswith("gated"),
+                   c.get("relative_attention_num_buckets", 32), **common)

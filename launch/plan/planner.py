@@ -59,6 +59,12 @@ def step_time(compute_s: float, comm: dict[str, float], bandwidth_gbs: float, ov
 
 # ----------------------------------------------------------------------------- the plan
 
+def frozen_bytes(fz) -> int:
+    """Resident bytes of the frozen models: every text encoder in its dtype, the autoencoder in fp32."""
+    text = fz.text_bytes if fz.text_bytes is not None else 4 * fz.text_params
+    return text + 4 * fz.ae_params
+
+
 def memory_for(desc: Description, zero_stage: int, world: int, micro: int, grad_accum: int, checkpointing: bool,
                hw: Hardware, a: Assumptions) -> dict:
     """Peak bytes per GPU for one stage and micro-batch, with its parts."""
@@ -67,7 +73,7 @@ def memory_for(desc: Description, zero_stage: int, world: int, micro: int, grad_
                                int(z.get("reduce_bucket_size", 50_000_000)),
                                int(z.get("stage3_max_reuse_distance", DS_DEFAULT_REUSE_DISTANCE)))
     fz = desc.frozen
-    frozen = 4 * (fz.text_params + fz.ae_params)
+    frozen = frozen_bytes(fz)
     act_sample = desc.forward[checkpointing].peak_bytes
     encoder_ws = int(a.encoder_working_set * fz.ae_largest_map)
     activations = micro * max(act_sample, encoder_ws) + micro * fz.image_bytes
@@ -197,7 +203,8 @@ def plan(desc: Description, gpus: int, hw: Hardware = Hardware(), a: Assumptions
                         "flops": "2 per multiply-add of matmuls/convs/attention; train = 3 x forward "
                                  "(+1 forward with activation checkpointing)"},
         "memory": {"zero_stages": stages,
-                   "frozen_bytes": 4 * (desc.frozen.text_params + desc.frozen.ae_params),
+                   "frozen_bytes": frozen_bytes(desc.frozen),
+                   "text_encoders": desc.frozen.text_encoders,
                    "activations_per_sample": {"no_ckpt": desc.forward[False].peak_bytes,
                                               "ckpt": desc.forward[True].peak_bytes},
                    "encoder_working_set_per_sample": int(a.encoder_working_set * desc.frozen.ae_largest_map),
