@@ -5,6 +5,7 @@ Layout of one checkpoint (a "tag", named after the step):
     RUN_DIR/checkpoints/step_00001000/
         <engine>/...                 DeepSpeed's own sharded save, one folder per engine
         ema/rank_XXXXX.safetensors   EMA (one file per rank under ZeRO-3, else one file)
+        ema_phema_<sigma>/...        the post-hoc EMA profiles, the same way (launch/runtime/posthoc.py)
         state/rank_XXXXX.pt          per-rank RNG states, data position, log accumulators
         meta.json                    step, world size, ZeRO stage, config hash, engine names
         COMPLETE                     manifest (every file and its size), written last
@@ -119,7 +120,8 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save (collective)
 
-    def save(self, step: int, engines: dict, ema, rank_state: dict, meta: dict) -> Path:
+    def save(self, step: int, engines: dict, ema, rank_state: dict, meta: dict, also=None) -> Path:
+        """`also`: anything with save(tag_dir, rank) that belongs in the checkpoint (post-hoc EMA profiles)."""
         tag = tag_for(step)
         tag_dir = self.root / tag
         if self.env.is_main:
@@ -133,6 +135,8 @@ class CheckpointManager:
                                                  "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
         if ema is not None:
             ema.save(tag_dir / "ema", self.env.rank)
+        if also is not None:
+            also.save(tag_dir, self.env.rank)
         (tag_dir / "state").mkdir(exist_ok=True)
         torch.save(rank_state, tag_dir / "state" / f"rank_{self.env.rank:05d}.pt")
         D.barrier()  # every rank's shards are on disk

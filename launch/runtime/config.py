@@ -73,6 +73,21 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class PosthocEMAConfig:
+    # EDM2 post-hoc EMA (launch/runtime/posthoc.py): power-function EMAs of these relative stds kept beside
+    # the main one (each 4 bytes/param/world size under ZeRO-3), their snapshots written every
+    # `snapshot_every` optimizer steps (0: train.checkpoint_every) and at the end to RUN_DIR/phema/;
+    # `ldm ema RUN_DIR --sigma-rel ...` reconstructs an EMA of any length from them. Empty list: off.
+    sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    snapshot_every: int = field(default=0, metadata={"ge": 0})
+
+    def validate(self) -> None:
+        for s in self.sigma_rels:
+            if not 0 < s < 0.28:
+                raise ValueError(f"sigma_rels = {list(self.sigma_rels)}: each must lie in (0, 0.28)")
+
+
+@dataclass
 class EMAConfig:
     enabled: bool = True
     # "power": EDM2's power-function EMA, parameterised by its relative std (sigma_rel);
@@ -82,6 +97,7 @@ class EMAConfig:
     decay: float = field(default=0.9999, metadata={"ge": 0, "le": 1})
     warmup: bool = True
     start_step: int = field(default=0, metadata={"ge": 0})
+    posthoc: PosthocEMAConfig = field(default_factory=PosthocEMAConfig)
 
 
 @dataclass
@@ -95,7 +111,9 @@ class LoggingConfig:
 
 @dataclass
 class ValidationConfig:
-    every: int = field(default=0, metadata={"ge": 0})          # 0: no validation loss
+    # fixed-t validation loss (launch/runtime/validation.py) every this many steps; null: every
+    # train.checkpoint_every steps whenever held-out data is configured (data.val_urls); 0: off
+    every: Optional[int] = field(default=None, metadata={"ge": 0})
     batches: int = field(default=2, metadata={"ge": 1})
     sample_every: int = field(default=0, metadata={"ge": 0})   # 0: no sample / reconstruction grids
     num_images: int = field(default=8, metadata={"ge": 1})
@@ -144,4 +162,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
 
 
 __all__ = ["Config", "ConfigError", "load_config", "TrainConfig", "OptimizerConfig", "DeepSpeedConfig",
-           "EMAConfig", "LoggingConfig", "ValidationConfig"]
+           "EMAConfig", "PosthocEMAConfig", "LoggingConfig", "ValidationConfig"]

@@ -12,23 +12,17 @@ min(decay, (1 + n) / (10 + n)). n counts updates, i.e. optimizer steps that were
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .config import EMAConfig
-
-
-def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """EDM2 eq. (3) inverted: sigma_rel^2 = (g+1) / ((g+2)^2 (g+3)), solved for g (largest real root)."""
-    s = sigma_rel ** -2
-    roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
-    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
+from .phema import sigma_rel_to_gamma
 
 
 def ema_beta(cfg: EMAConfig, num_updates: int) -> float:
@@ -52,6 +46,40 @@ class EMA:
         self.gamma = sigma_rel_to_gamma(cfg.sigma_rel) if cfg.kind == "power" else None
         self.num_updates = 0
         self.shadow = {n: self._current(p).detach().clone().float() for n, p in self.params}
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The EMA weights in place of the live ones for the duration (evaluation on every rank, no gather of
+        the model): ZeRO 0-2 copy them into the parameters; ZeRO-3 into each parameter's partition, from which
+        the engine's forward gathers, and, for parameters held gathered (ZeRO-3's persistent small ones), into
+        the full tensor by an all-gather of the partition. The live values are copied back bit for bit after.
+        Collective under ZeRO-3: enter on every rank, and call no optimizer step inside."""
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for name, p in self.params:
+                    if self.partitioned:
+                        part = p.ds_tensor.data
+                        saved.append((part, part.clone()))
+                        part.copy_(self.shadow[name].view(-1)[: part.numel()].view_as(part))
+                        if p.data.numel() == p.ds_numel:      # held gathered: refresh the full tensor too
+                            full = self._gather_partition(self.shadow[name], p)
+                            saved.append((p.data, p.data.clone()))
+                            p.data.copy_(full.to(p.data.dtype))
+                    else:
+                        saved.append((p.data, p.data.clone()))
+                        p.data.copy_(self.shadow[name].view_as(p.data))
+            yield
+        finally:
+            with torch.no_grad():
+                for target, value in reversed(saved):
+                    target.copy_(value)
+
+    @staticmethod
+    def _gather_partition(part: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
+        pieces = [torch.empty_like(part) for _ in range(dist.get_world_size())]
+        dist.all_gather(pieces, part.contiguous())
+        return torch.cat([t.reshape(-1) for t in pieces])[: p.ds_numel].view(p.ds_shape)
 
     def _current(self, p: nn.Parameter) -> torch.Tensor:
         if self.partitioned:
@@ -80,13 +108,9 @@ class EMA:
         """Full fp32 EMA weights by parameter name (collective under ZeRO-3)."""
         if not self.partitioned:
             return {n: t.clone() for n, t in self.shadow.items()}
-        world = dist.get_world_size()
         out = {}
         for name, p in self.params:
-            part = self.shadow[name].contiguous()
-            pieces = [torch.empty_like(part) for _ in range(world)]
-            dist.all_gather(pieces, part)
-            out[name] = torch.cat(pieces)[: p.ds_numel].view(p.ds_shape).clone()
+            out[name] = self._gather_partition(self.shadow[name], p).clone()
         return out
 
     # --------------------------------------------------------------------- save / load

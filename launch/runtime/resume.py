@@ -72,6 +72,11 @@ def resume(trainer, loaded_tag: str) -> int:
                                    "refusing to start from scratch over an existing run")
     if trainer.ema is not None:
         trainer.ema.load(tag_dir / "ema", trainer.env.rank, trainer.env.world_size)
+    if getattr(trainer, "posthoc", None) is not None:
+        if trainer.posthoc.load(tag_dir, trainer.env.rank, trainer.env.world_size, trainer.log):
+            trainer.posthoc.drop_after(step)      # snapshots the interrupted run wrote after this checkpoint
+        else:
+            trainer.posthoc = None
     old_hash = meta.get("config_hash")
     if old_hash and old_hash != config_hash(trainer.cfg):
         old, new = flatten(meta.get("config", {})), flatten(to_plain(trainer.cfg))

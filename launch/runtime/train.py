@@ -31,10 +31,12 @@ from .engine import (build_engine, check_runtime_config, discard_gradients, grad
                      optimizer_state_bytes, set_lr)
 from .images import save_grid
 from .metrics import MetricsWriter, WandbLogger
+from .posthoc import PosthocEMA
 from .progress import TrainProgress
 from .resume import LogWindow, resume, seed_everything
 from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag
 from .universal import needs_universal
+from .validation import Validator
 
 
 @dataclass
@@ -125,6 +127,8 @@ class Trainer:
                 e.compile()
         self.main = self.engines[self.stage.main_module]
         self.ema = EMA(self.main.module, cfg.ema) if cfg.ema.enabled else None
+        self.posthoc = PosthocEMA.build(self.main.module, cfg, self.run_dir, env)   # EDM2 post-hoc profiles
+        self.validator = Validator.build(cfg, env, self.stage, self.val_data, self.log)
         self.stage.setup(env.device)
         if hasattr(self.stage, "set_collectives") and env.world_size > 1:
             # state updated inside forward (VQ codebook usage / EMA codebooks) must agree across ranks
@@ -150,6 +154,10 @@ class Trainer:
             if cfg.logging.wandb:
                 self.wandb = WandbLogger(self.run_dir, cfg.logging.wandb_project, cfg.logging.wandb_entity,
                                          cfg.logging.wandb_run_name, to_plain(cfg))
+        if tag is None and self.posthoc is not None:
+            self.posthoc.drop_after(0)                        # snapshots of an earlier start that left no checkpoint
+        if self.validator is not None and tag is None:
+            self._validate(0)                                 # the step-0 baseline of the validation curves
         stop = StopFlag().install()
         progress = TrainProgress(enabled=env.is_main and cfg.logging.progress, start_step=step,
                                  max_steps=cfg.train.max_steps, images_per_step=self.global_batch,
@@ -276,6 +284,8 @@ class Trainer:
                         applied = engine.was_step_applied()
             if applied and self.ema is not None:
                 self.ema.update(step)
+            if applied and self.posthoc is not None:
+                self.posthoc.update(step)
             if poisoned or not applied:
                 self.counters["nonfinite_skipped"] += 1
                 self.counters["consecutive_nonfinite"] += 1
@@ -294,8 +304,10 @@ class Trainer:
             if step % cfg.train.log_every == 0:
                 self._log_step(step, lrs, time.time() - t_window)
                 t_window = time.time()
-            if cfg.validation.every and step % cfg.validation.every == 0:
+            if self.validator is not None and self.validator.due(step):
                 self._validate(step)
+            if self.posthoc is not None and self.posthoc.due(step, cfg.train.max_steps):
+                self.posthoc.snapshot(step)
             if cfg.validation.sample_every and step % cfg.validation.sample_every == 0:
                 self._preview(step)
             if stop_seen or step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
@@ -311,7 +323,7 @@ class Trainer:
     def _save(self, step: int) -> None:
         if step == self.last_saved_step:
             return
-        self.ckpt.save(step, self.engines, self.ema, self._rank_state(step), self._meta())
+        self.ckpt.save(step, self.engines, self.ema, self._rank_state(step), self._meta(), also=self.posthoc)
         self.last_saved_step = step
         self.log(f"checkpoint {tag_for(step)} saved")
 
@@ -348,24 +360,12 @@ class Trainer:
         return self.val_data() if self.val_data is not None else []
 
     def _validate(self, step: int) -> None:
-        totals: dict[str, float] = {}
-        n = 0
-        with torch.random.fork_rng(devices=[]):
-            for i, batch in enumerate(self._val_batches()):
-                if i >= self.cfg.validation.batches:
-                    break
-                out = self.stage.validation_step(self.engines, to_device(batch, self.env.device),
-                                                 seed=self.cfg.train.seed + i)
-                for k, v in out.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-                n += 1
-        if n == 0:
-            return
-        means = D.all_reduce_mean({f"val/{k}": v / n for k, v in totals.items()}, self.env.device)
-        if self.env.is_main:
-            self.metrics.write({"step": step, **means})
+        """Fixed-set validation of the live and EMA weights on every rank (launch/runtime/validation.py)."""
+        record = self.validator.evaluate(self.engines, self.ema)
+        if record and self.env.is_main:
+            self.metrics.write({"step": step, **record})
             if self.wandb:
-                self.wandb.log(means, step)
+                self.wandb.log(record, step)
 
     def full_main_state(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
         """Full fp32 weights of the main module (EMA or live) plus its buffers. Collective."""
