@@ -74,6 +74,9 @@ def describe(cfg, policy: str = "cuda") -> Description:
     if cfg.stage != "diffusion":
         raise ConfigError("ldm plan models stage-two (diffusion) configs; this one is stage: "
                           f"{cfg.stage!r}")
+    if cfg.denoiser.kind not in ("unet", "dit"):
+        raise ConfigError(f"ldm plan walks denoiser.kind unet and dit; {cfg.denoiser.kind!r} has no forward count "
+                          "in launch/plan/denoisers.py yet (ldm info counts its parameters)")
     notes: list[str] = []
     den = stages.build_models_on_meta(cfg)["denoiser"]
     # the DeepSpeed config as launch/runtime/engine.py writes it, read at stage 3 so that every ZeRO key is present

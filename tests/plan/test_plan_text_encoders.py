@@ -54,3 +54,24 @@ def test_plan_counts_every_text_encoder(tmp_path):
     assert desc.frozen.text_bytes == 8 * clip_params + 2 * t5.params
     assert frozen_bytes(desc.frozen) == desc.frozen.text_bytes + 4 * desc.frozen.ae_params
     assert desc.frozen.text_flops == 2 * one.frozen.text_flops + t5.forward_flops()
+
+
+def test_sd3_medium_text_encoders_before_download(capsys):
+    """configs/ldm/mmdit-sd3-medium.yaml: CLIP-L + bigG from open_clip's configs, T5-XXL (bf16) by the folder's
+    name; the joined text is 77 + 256 tokens. (ldm plan itself does not walk an MMDiT yet: a clear error.)"""
+    import pytest
+    from launch.plan.description import _text_towers, describe
+    from launch.runtime.configio import ConfigError
+    cfg = load("ldm/mmdit-sd3-medium")
+    notes = []
+    towers, length = _text_towers(cfg, notes)
+    assert length == 77 + 256 and not notes
+    params = [t["params"] for t in towers]
+    assert 1.2e8 < params[0] < 1.3e8 and 6.9e8 < params[1] < 7.0e8 and 4.7e9 < params[2] < 4.8e9
+    assert towers[2]["bytes"] == 2 * params[2]
+    with capsys.disabled():
+        names = ", ".join(f"{t['name']} {t['params']:,}" for t in towers)
+        print(f"\nSD3-medium text encoders: {names}; resident "
+              f"{sum(t['bytes'] for t in towers) / 2 ** 30:.2f} GiB")
+    with pytest.raises(ConfigError, match="mmdit"):
+        describe(cfg)
