@@ -9,7 +9,8 @@ NAME = "data"
 HELP = "data tools: synthetic shards, images/CSV/parquet to shards, inspection, precomputed latents"
 DESCRIPTION = """Data tools for img2dataset-layout WebDataset shards (NNNNN.tar + .parquet + _stats.json).
 
-  ldm data synth OUT --num N --size S [--seed K] [--shard-size M]   captioned shapes (ARCHITECTURE.md §6)
+  ldm data synth OUT --num N --size S [--seed K] [--shard-size M] [--tier shapes|compositional]
+                                                                   captioned shapes (ARCHITECTURE.md §6)
   ldm data write SRC OUT                                            folder with sidecar .txt, or CSV/parquet
   ldm data inspect URLS [--json]                                    good samples, bad samples by reason, sizes
   ldm data precompute CONFIG --autoencoder EXPORT_DIR --out OUT     latents + text embeddings for stage two
@@ -32,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="leave this triple out (repeatable): the held-out set of a demo")
     p.add_argument("--only", action="append", default=[], metavar="COLOR:SHAPE:BACKGROUND",
                    help="draw only these triples (repeatable): write the held-out set to its own shards")
+    p.add_argument("--tier", choices=("shapes", "compositional"), default="shapes",
+                   help="shapes: one shape per image (default); compositional: one to three objects with "
+                        "counts and relations (--exclude/--only then take its held-out items, e.g. "
+                        "'pair:red:circle' or 'default')")
 
     p = sub.add_parser("write", help="images + captions to img2dataset-layout shards",
                        description="SRC is a folder of images (jpg/png/webp) with sidecar .txt captions, or a "
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         from data_pipeline.synthetic import write_synthetic
 
         summary = write_synthetic(args.out, args.num, size=args.size, seed=args.seed, shard_size=args.shard_size,
-                                  image_format=args.image_format, exclude=args.exclude, only=args.only)
+                                  image_format=args.image_format, exclude=args.exclude, only=args.only,
+                                  tier=args.tier)
         print(json.dumps(summary))
         return 0
     if args.data_command == "write":

@@ -13,6 +13,7 @@ DESCRIPTION = """Metrics; every weights file is local (nothing is downloaded).
   ldm eval fid SAMPLES_DIR REF... [--inception FILE]                  FID and KID against shards or a folder
   ldm eval clip-score SAMPLES_DIR [--clip-arch A --clip-weights FILE]  CLIP score against prompts.json
   ldm eval adherence SAMPLES_DIR [--holdout C:S:B ...] [--json]        color / shape / background accuracy
+  ldm eval compositional SAMPLES_DIR [--holdout ITEM ...] [--json]     GenEval-style tasks on the compositional tier
 
 Weights: Inception from --inception, $LDM_INCEPTION_WEIGHTS, or $LDM_EVAL_WEIGHTS_DIR (default: torch hub's
 checkpoints/ folder) holding pt_inception-2015-12-05-6726825d.pth (FID Inception) or
@@ -72,6 +73,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--details", action="store_true", help="include the judgement of every image")
     common(q)
 
+    q = sub.add_parser("compositional", help="GenEval-style scores of samples from compositional captions",
+                       description="Reads every object (colour, shape, centroid) from the pixels of each image "
+                                   "named in SAMPLES_DIR/prompts.json and scores single object, two objects, "
+                                   "counting, colours, position and colour attribution; seen and held-out apart.")
+    q.add_argument("samples_dir", metavar="SAMPLES_DIR")
+    q.add_argument("--holdout", action="append", default=[], metavar="ITEM",
+                   help="held-out compositions, as `ldm data synth --tier compositional --exclude` takes them "
+                        "(default: the tier's default held-out set)")
+    q.add_argument("--details", action="store_true", help="include the judgement of every image")
+    common(q)
+
 
 def _emit(args, result: dict, text: str | None = None) -> None:
     blob = json.dumps(result, indent=1)
@@ -114,6 +126,14 @@ def run(args) -> int:
                            model_config=args.clip_model_config, batch_size=args.batch_size, device=args.device)
             _emit(args, r, f"CLIP score {r['clip_score']:.2f} +- {r['clip_score_std']:.2f} over {r['n']} images "
                            f"({r['clip']['arch']})")
+        elif args.eval_command == "compositional":
+            from data_pipeline.compositional import HoldOut
+            from launch.evaluate.compositional import evaluate_dir as judge_dir
+            from launch.evaluate.compositional import format_report as format_compositional
+
+            holdout = HoldOut.parse(args.holdout or ["default"])
+            rep = judge_dir(args.samples_dir, holdout=holdout, details=args.details)
+            _emit(args, rep.to_dict(), format_compositional(rep))
         else:
             from data_pipeline.synthetic import DEFAULT_HOLDOUT
             from launch.evaluate.adherence import evaluate_dir, format_report
