@@ -257,3 +257,29 @@ def config_from_ldm_yaml(params: Mapping[str, Any]) -> AutoencoderConfig:
         n_embed=params.get("n_embed", 8192))
     cfg.validate()
     return cfg
+
+
+# ----------------------------------------------------------------------------- import (init.from)
+
+def source_names(cfg: AutoencoderConfig, layout: str, our_keys) -> dict[str, str]:
+    """{our key: its name in `layout`} ("diffusers" or "ldm") for initialising our autoencoder
+    (launch/runtime/init.py); attention weights differ in shape only (1x1 conv vs linear)."""
+    n = len(cfg.ch_mult)
+    out = {}
+    for k in our_keys:
+        if k.startswith(_OURS_ONLY):
+            continue
+        try:
+            out[k] = _diffusers_key(k, n) if layout == "diffusers" else _ldm_key(k)
+        except ValueError:
+            continue
+    return out
+
+
+def modernise_diffusers_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_modernise_diffusers_key(k): v for k, v in sd.items()}
+
+
+def first_stage(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The first-stage part of an LDM / SD checkpoint (or the dict itself)."""
+    return _first_stage(sd)

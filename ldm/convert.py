@@ -208,3 +208,49 @@ def to_diffusers(state: Mapping[str, torch.Tensor], cfg: DenoiserConfig) -> tupl
         return ("SD3Transformer2DModel", sd3_diffusers_config(cfg.mmdit, cfg.pooled_dim),
                 mmdit_to_diffusers(state, cfg.mmdit, cfg.pooled_dim))
     return "PixArtTransformer2DModel", dit_pixart_config(cfg.dit), dit_to_pixart(state, cfg.dit, cfg.pooled_dim)
+
+
+# ----------------------------------------------------------------------------------------------- import
+
+def _ident(ts):
+    return ts[0]
+
+
+def diffusers_source_names(cfg: DenoiserConfig, our_keys) -> tuple[dict, list[str]]:
+    """For initialising our denoiser from a diffusers model (launch/runtime/init.py): {our key: ([diffusers
+    names], fn joining those tensors into ours)} for every key that has a diffusers counterpart, and the
+    keys that have none (a learned null caption, a sin-cos table diffusers recomputes)."""
+    mapping, none = {}, []
+    if cfg.kind == "mmdit":
+        from .convert_mmdit import _match, _rules
+        rules = _rules(cfg.mmdit)
+    for key in our_keys:
+        if key.startswith(_NULL_KEYS):
+            none.append(key)
+            continue
+        try:
+            if cfg.kind == "unet":
+                mapping[key] = ([unet_key_to_diffusers(key)], _ident)
+            elif cfg.kind == "dit":
+                mapping[key] = ([dit_key_to_pixart(key)], _ident)
+            else:
+                names, _, from_fn = _match(key, rules)
+                mapping[key] = (names, from_fn)
+        except KeyError:
+            none.append(key)
+    return mapping, none
+
+
+def diffusers_class(cfg: DenoiserConfig) -> str:
+    return {"unet": "UNet2DConditionModel", "dit": "PixArtTransformer2DModel",
+            "mmdit": "SD3Transformer2DModel"}[cfg.kind]
+
+
+def diffusers_config_for(cfg: DenoiserConfig) -> dict:
+    """The diffusers config kwargs our configured denoiser corresponds to (for comparing with a source's)."""
+    if cfg.kind == "unet":
+        return unet_diffusers_config(cfg.unet)
+    if cfg.kind == "mmdit":
+        from .convert_mmdit import sd3_diffusers_config
+        return sd3_diffusers_config(cfg.mmdit, cfg.pooled_dim)
+    return dit_pixart_config(cfg.dit)

@@ -122,6 +122,17 @@ class ValidationConfig:
 
 
 @dataclass
+class InitConfig:
+    # Start from existing weights (launch/runtime/init.py): an export, a run directory (or one of its
+    # checkpoints/step_* tags), a diffusers folder (pipeline, unet/, transformer/, vae/), an LDM/SD single
+    # file (.safetensors, .ckpt). Weights only: never the optimizer or data position; a run directory
+    # that already holds a checkpoint resumes from it instead.
+    from_: Optional[str] = field(default=None, metadata={"key": "from"})
+    strict: bool = True          # missing / unexpected / mis-shaped keys stop the run; false: reported, fresh init
+    what: Literal["weights", "weights+ema"] = "weights"
+
+
+@dataclass
 class Config:
     stage: Literal["autoencoder", "diffusion"]
     run_dir: str
@@ -131,6 +142,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # stage one
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -162,4 +174,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
 
 
 __all__ = ["Config", "ConfigError", "load_config", "TrainConfig", "OptimizerConfig", "DeepSpeedConfig",
-           "EMAConfig", "PosthocEMAConfig", "LoggingConfig", "ValidationConfig"]
+           "EMAConfig", "PosthocEMAConfig", "InitConfig", "LoggingConfig", "ValidationConfig"]

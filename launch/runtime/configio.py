@@ -202,7 +202,8 @@ def _convert(path: str, value: Any, tp: Any) -> Any:
 def build_dataclass(cls: type, data: dict, path: str = ""):
     """Build ``cls`` from a plain mapping, checking keys, types, ranges and ``validate()``."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    # a field may be spelled differently in YAML (metadata "key": `init.from` is the field `from_`)
+    fields = {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = unknown[0]
@@ -215,14 +216,14 @@ def build_dataclass(cls: type, data: dict, path: str = ""):
     for name, f in fields.items():
         full = f"{path}.{name}" if path else name
         if name in data:
-            kwargs[name] = _convert(full, data[name], hints[name])
-            _check_range(full, kwargs[name], f.metadata)
+            kwargs[f.name] = _convert(full, data[name], hints[f.name])
+            _check_range(full, kwargs[f.name], f.metadata)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"config key '{full}' is required ({_type_name(hints[name])})")
+            raise ConfigError(f"config key '{full}' is required ({_type_name(hints[f.name])})")
     obj = cls(**kwargs)
     for name, f in fields.items():  # defaults are checked too: a default can be out of range after a refactor
         if name not in data:
-            _check_range(f"{path}.{name}" if path else name, getattr(obj, name), f.metadata)
+            _check_range(f"{path}.{name}" if path else name, getattr(obj, f.name), f.metadata)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
@@ -237,7 +238,7 @@ def build_dataclass(cls: type, data: dict, path: str = ""):
 def to_plain(obj: Any) -> Any:
     """Dataclasses -> dicts, tuples -> lists (what YAML/JSON should see)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.metadata.get("key", f.name): to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
     if isinstance(obj, dict):

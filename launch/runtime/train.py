@@ -30,6 +30,7 @@ from .ema import EMA
 from .engine import (build_engine, check_runtime_config, discard_gradients, grads_finite, lr_factor,
                      optimizer_state_bytes, set_lr)
 from .images import save_grid
+from .init import initialise, start_ema
 from .metrics import MetricsWriter, WandbLogger
 from .posthoc import PosthocEMA
 from .progress import TrainProgress
@@ -119,6 +120,8 @@ class Trainer:
         # another world size loads through DeepSpeed's universal format.
         self.ckpt = CheckpointManager(self.run_dir, env, cfg.train.keep_checkpoints)
         tag = self.ckpt.find_resumable(self.log)
+        # init.from: weights only, before any engine exists; a checkpoint to resume takes precedence
+        init_ema = initialise(cfg, self.stage, self.log, env.is_main) if tag is None else None
         universal = tag is not None and needs_universal(self.ckpt.read_meta(tag), env.world_size)
         self.engines = {name: build_engine(m, self.stage.param_groups(name), cfg, load_universal=universal)
                         for name, m in modules.items()}
@@ -127,6 +130,8 @@ class Trainer:
                 e.compile()
         self.main = self.engines[self.stage.main_module]
         self.ema = EMA(self.main.module, cfg.ema) if cfg.ema.enabled else None
+        if init_ema is not None and self.ema is not None:
+            start_ema(self.ema, init_ema, env.rank, env.world_size)
         self.posthoc = PosthocEMA.build(self.main.module, cfg, self.run_dir, env)   # EDM2 post-hoc profiles
         self.validator = Validator.build(cfg, env, self.stage, self.val_data, self.log)
         self.stage.setup(env.device)
