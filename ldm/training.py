@@ -59,7 +59,10 @@ def _freeze(module: Optional[nn.Module]) -> Optional[nn.Module]:
 
 
 def _posterior_sample(posterior, generator: Optional[torch.Generator], sample_posterior: bool) -> torch.Tensor:
-    """Duck-typed first-stage output: a tensor, or a posterior with mean/std (KL) or mode()/sample()."""
+    """Duck-typed first-stage output: a tensor, a (quantized z, info) pair (VQ / FSQ: deterministic, the
+    latents `ldm data precompute` stores too), or a posterior with mean/std (KL) or mode()/sample()."""
+    if isinstance(posterior, tuple) and posterior and torch.is_tensor(posterior[0]):
+        return posterior[0]
     if torch.is_tensor(posterior):
         return posterior
     mean = getattr(posterior, "mean", None)
