@@ -15,7 +15,9 @@ DESCRIPTION = """Export the newest complete checkpoint of a run (or --tag) to OU
   OUT/autoencoder/        stage two: copy of the autoencoder export (--reference-autoencoder: path only)
   OUT/text_encoder/       stage two: the text tower's weights when they have no open_clip tag (random init,
                           local file) and its model-config JSON
-  --format diffusers      + OUT/vae/ and OUT/unet/ (or OUT/transformer/ for the PixArt-form DiT)
+  --format diffusers      + OUT/vae/, OUT/unet/ (or OUT/transformer/ for the PixArt-form DiT), OUT/scheduler/;
+                          a UNet also OUT/text_encoder/ (CLIPTextModel), OUT/tokenizer/, OUT/model_index.json
+                          (DiffusionPipeline.from_pretrained(OUT) -> StableDiffusionPipeline)
   --format onnx           + OUT/onnx/denoiser.onnx (guided, CFG batch inside), OUT/onnx/vae_decoder.onnx,
                           checked in onnxruntime against PyTorch (OUT/onnx/onnx.json)
 

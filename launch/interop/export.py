@@ -155,6 +155,12 @@ def export_run(run_dir: str | Path, out: str | Path, *, use_ema: bool = True, dt
         problems = diffusers_problems(ck.cfg.stage, config.get("denoiser"), ae_cfg_plain)
         if problems:
             raise ExportError("cannot write the diffusers layout: " + "; ".join(problems))
+        if ck.cfg.stage == "diffusion":    # what the pipeline will not reproduce, said before writing
+            from .export_pipeline import pipeline_notices
+
+            config["diffusers_notices"] = pipeline_notices({**config, "shift_factor": config.get("shift_factor")})
+            for note in config["diffusers_notices"]:
+                warnings.warn(f"diffusers pipeline: {note}", stacklevel=2)
     if fmt == "onnx":
         from .export_onnx import onnx_problems
 

@@ -133,4 +133,7 @@ def write_diffusers(out: Path, config: dict, state: Mapping[str, torch.Tensor], 
               scaling_factor=config.get("scaling_factor"), shift_factor=config.get("shift_factor"),
               dtype=dtype, metadata=ae_meta)
     written["vae"] = "AutoencoderKL"
+    from .export_pipeline import write_pipeline
+
+    written.update(write_pipeline(out, config, sub, dtype))   # scheduler/, text_encoder/, tokenizer/, model_index
     return written

@@ -46,7 +46,8 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, dtype: str, me
     save_file(tensors, str(path), metadata={k: str(v) for k, v in metadata.items()})
 
 
-_OWNED = ("model.safetensors", "config.json", "autoencoder", "text_encoder", "vae", "unet", "transformer", "onnx")
+_OWNED = ("model.safetensors", "config.json", "autoencoder", "text_encoder", "vae", "unet", "transformer", "onnx",
+          "scheduler", "tokenizer", "model_index.json")
 
 
 def clear_previous_export(out: Path) -> None:
