@@ -1,4 +1,5 @@
-"""Progressive resolution (slow: a 300-step source run, ~45 s): a DiT trained by `ldm train` on 8x8 latents initialises one on 16x16 latents
+"""Progressive resolution (slow: a 300-step source run, ~45 s): a DiT trained by `ldm train` on 8x8 latents
+initialises one on 16x16 latents
 (learned positions interpolated): its first loss is at most 1.5x the source run's last logged loss and far
 below a fresh init's."""
 from __future__ import annotations
