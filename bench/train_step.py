@@ -52,8 +52,10 @@ def _dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
-def build_pair(model: str, quick: bool = False, batch: Optional[int] = None, seed: int = 0) -> M.Pair:
-    overrides = QUICK[model] if quick else {}
+def build_pair(model: str, quick: bool = False, batch: Optional[int] = None, seed: int = 0,
+               overrides: Optional[dict] = None) -> M.Pair:
+    """`overrides` (another size of the same architecture, e.g. bench/gpu.py's SD-UNet) replace the quick ones."""
+    overrides = overrides if overrides is not None else (QUICK[model] if quick else {})
     return M.PAIRS[model](batch=batch or (QUICK_BATCH if quick else BATCH[model]), seed=seed, **overrides)
 
 
@@ -121,9 +123,11 @@ def flop_accounting(pair: M.Pair, dtype: str, device: str = "cpu") -> dict:
 
 def compare(model: str, dtype: str, *, repeats: int, peak: dict, threads: int, quick: bool = False,
             device: str = "cpu", compile: bool = False, channels_last: bool = False,
-            batch: Optional[int] = None) -> dict:
-    """One comparison object (see the module docstring)."""
-    pair = build_pair(model, quick, batch)
+            batch: Optional[int] = None, overrides: Optional[dict] = None,
+            compile_backend: str = "inductor") -> dict:
+    """One comparison object (see the module docstring). `compile_backend` "eager" runs torch.compile's graph
+    capture without code generation (bench/gpu.py's CPU dry run)."""
+    pair = build_pair(model, quick, batch, overrides=overrides)
     if device != "cpu" or channels_last:
         fmt = torch.channels_last if channels_last and model != "dit" else torch.preserve_format
         for m in (pair.ours, pair.theirs):
@@ -135,7 +139,8 @@ def compare(model: str, dtype: str, *, repeats: int, peak: dict, threads: int, q
     nominal = count_flops(pair, "peer", dtype, device)
     flops = flop_accounting(pair, dtype, device)
     if compile:
-        pair.ours, pair.theirs = torch.compile(pair.ours), torch.compile(pair.theirs)
+        pair.ours = torch.compile(pair.ours, backend=compile_backend)
+        pair.theirs = torch.compile(pair.theirs, backend=compile_backend)
     steps = [M.trainer(pair, "ours", _dtype(dtype), device=device), M.trainer(pair, "peer", _dtype(dtype), device=device)]
     sync = torch.cuda.synchronize if device == "cuda" else None
     times = alternate(steps, repeats, warmup=2 if compile else 1, sync=sync)
