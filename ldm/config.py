@@ -268,3 +268,26 @@ class SamplingConfig:
             lo, hi = self.guidance_interval
             if not 0 <= lo <= hi <= 1:
                 raise ValueError(f"guidance_interval = {list(self.guidance_interval)}: need 0 <= lo <= hi <= 1")
+
+
+LORA_DEFAULT_TARGETS = {
+    # the attention projections (q, k, v, out) of each denoiser, by module-name suffix
+    "unet": ("to_q", "to_k", "to_v", "to_out"),
+    "dit": ("to_q", "to_k", "to_v", "to_out"),
+    "mmdit": ("img_qkv", "txt_qkv", "img_out", "txt_out"),
+}
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters through peft (ldm/lora.py). rank 0: off, the whole model trains."""
+    rank: int = field(default=0, metadata={"ge": 0})
+    alpha: Optional[float] = field(default=None, metadata={"gt": 0})   # null: alpha = rank (scale 1)
+    dropout: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
+    targets: list[str] = field(default_factory=list)   # module-name suffixes; empty: the attention projections
+
+    def validate(self) -> None:
+        for t in self.targets:
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"targets = {self.targets!r}: each entry must be a non-empty module name "
+                                 f"suffix, e.g. {list(LORA_DEFAULT_TARGETS['unet'])}")

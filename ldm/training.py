@@ -43,6 +43,16 @@ def build_denoiser(cfg: DenoiserConfig) -> nn.Module:
     raise ValueError(f"denoiser.kind {cfg.kind!r}: expected 'unet', 'dit' or 'mmdit'")
 
 
+def build_denoiser_for(cfg) -> nn.Module:
+    """The root config's denoiser, with LoRA adapters (base frozen) when `lora.rank` > 0."""
+    net = build_denoiser(cfg.denoiser)
+    lora = getattr(cfg, "lora", None)
+    if lora is not None and lora.rank > 0:
+        from .lora import inject
+        inject(net, lora, cfg.denoiser.kind)
+    return net
+
+
 def latent_shape(cfg: DenoiserConfig) -> tuple[int, int, int]:
     if cfg.kind == "unet":
         return cfg.unet.in_channels, cfg.unet.sample_size, cfg.unet.sample_size
@@ -126,7 +136,7 @@ class DiffusionStage:
             if length is not None and cfg.denoiser.learned_null_tokens != length:
                 raise ValueError(f"denoiser.learned_null_tokens = {cfg.denoiser.learned_null_tokens} but the text "
                                  f"encoder produces {length} tokens")
-        return cls(build_denoiser(cfg.denoiser), build_objective(cfg.objective), text_encoder=text_encoder,
+        return cls(build_denoiser_for(cfg), build_objective(cfg.objective), text_encoder=text_encoder,
                    autoencoder=autoencoder, conditioning=cfg.conditioning, latents=cfg.latents,
                    sampling=cfg.sampling, use_pooled=cfg.denoiser.pooled_dim > 0,
                    latent_shape=latent_shape(cfg.denoiser), empty_condition=empty_condition)

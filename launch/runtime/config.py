@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 from autoencoder.config import AutoencoderConfig, AutoencoderLossConfig
 from data_pipeline.config import DataConfig
-from ldm.config import (ConditioningConfig, DenoiserConfig, LatentConfig, ObjectiveConfig,
+from ldm.config import (ConditioningConfig, DenoiserConfig, LatentConfig, LoRAConfig, ObjectiveConfig,
                         SamplingConfig, TextConfig, TextEncoderConfig)
 
 from .configio import ConfigError, apply_overrides, build_dataclass, read_yaml_tree
@@ -155,6 +155,7 @@ class Config:
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     latents: LatentConfig = field(default_factory=LatentConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)           # rank 0: off (ldm/lora.py)
 
     def validate(self) -> None:
         if self.train.precision == "fp16" and self.stage == "autoencoder" and self.loss.disc_weight > 0:

@@ -332,6 +332,32 @@ def config_differences(cfg, source_config: Optional[dict]) -> list[str]:
 
 # ----------------------------------------------------------------------------- applying
 
+class _PlainState(nn.Module):
+    """A LoRA-adapted module seen under the names of the model without adapters (ldm/lora.py); its
+    state_dict() tensors are the adapted module's own, so copying into them fills the base."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        from ldm.lora import is_lora_key, plain_name
+        object.__setattr__(self, "_inner", module)
+        self._state = {plain_name(k): v for k, v in module.state_dict(keep_vars=False).items()
+                       if not is_lora_key(k)}
+        self._params = {plain_name(k): p for k, p in module.named_parameters() if not is_lora_key(k)}
+
+    def state_dict(self, *args, **kwargs):
+        return dict(self._state)
+
+    def named_parameters(self, *args, **kwargs):
+        return iter(self._params.items())
+
+
+def _lora_plain_view(module: nn.Module):
+    from ldm.lora import has_lora
+    if not has_lora(module):
+        return None
+    return _PlainState(module)
+
+
 def initialise(cfg, stage, log: Callable[[str], None] = print, is_main: bool = True
                ) -> Optional[dict[str, torch.Tensor]]:
     """Load `cfg.init.from` into the stage's main module (before engines exist). Returns the EMA start in
@@ -339,6 +365,9 @@ def initialise(cfg, stage, log: Callable[[str], None] = print, is_main: bool = T
     if not cfg.init.from_:
         return None
     module = stage.trainable_modules()[stage.main_module]
+    adapted = _lora_plain_view(module)
+    if adapted is not None:          # LoRA: the source fills the frozen base under its plain names
+        module = adapted
     src = read_source(cfg.init.from_, cfg)
     our_keys = list(module.state_dict())
     mapping, none = name_map(cfg, src.layout, our_keys)
@@ -360,7 +389,7 @@ def initialise(cfg, stage, log: Callable[[str], None] = print, is_main: bool = T
         for k, t in loaded.items():
             ours[k].copy_(t)
     ema = None
-    if cfg.init.what == "weights+ema" and src.ema is not None:
+    if cfg.init.what == "weights+ema" and src.ema is not None and adapted is None:
         ema_loaded, *_ = match(module, src.ema, mapping, [])
         params = {n for n, p in module.named_parameters() if p.requires_grad}
         ema = {k: (ema_loaded.get(k, loaded.get(k, ours[k]))).float().clone() for k in params}

@@ -114,9 +114,9 @@ def eval_module_factory(cfg: Config) -> Callable[[], nn.Module]:
         return make
 
     def make_denoiser():
-        from ldm.training import build_denoiser
+        from ldm.training import build_denoiser_for
 
-        return build_denoiser(cfg.denoiser)
+        return build_denoiser_for(cfg)
     return make_denoiser
 
 
