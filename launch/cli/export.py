@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stage two: write the text tower's weights into the export (auto: unless it is an "
                         "open_clip pretrained tag)")
     p.add_argument("--no-onnx-check", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="a LoRA run: write the merged weights (default: base weights + OUT/pytorch_lora_weights."
+                        "safetensors for diffusers' load_lora_weights)")
     g = p.add_argument_group("importing a VAE")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--from-ldm-vae", metavar="FILE", default=None,
@@ -94,7 +97,8 @@ def run(args) -> int:
                 out = export_run(args.paths[0], args.paths[1], use_ema=not args.no_ema, dtype=args.dtype,
                                  tag=args.tag, autoencoder=args.autoencoder,
                                  copy_autoencoder=not args.reference_autoencoder, fmt=args.fmt,
-                                 text_encoder=args.text_encoder, onnx_check=not args.no_onnx_check)
+                                 text_encoder=args.text_encoder, onnx_check=not args.no_onnx_check,
+                                 merge_lora=args.merge_lora)
     except (ExportError, FileNotFoundError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"ldm export: error: {msg}", file=sys.stderr)

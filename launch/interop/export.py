@@ -111,7 +111,8 @@ def _copy_autoencoder(src: Path, dst: Path) -> None:
 
 def export_run(run_dir: str | Path, out: str | Path, *, use_ema: bool = True, dtype: str = "fp32",
                tag: str | None = None, autoencoder: str | Path | None = None, copy_autoencoder: bool = True,
-               fmt: str = "safetensors", text_encoder: str = "auto", onnx_check: bool = True) -> Path:
+               fmt: str = "safetensors", text_encoder: str = "auto", onnx_check: bool = True,
+               merge_lora: bool = False) -> Path:
     """Write OUT/model.safetensors + OUT/config.json for the main module of a run, plus the diffusers
     or ONNX layout for `fmt` "diffusers" / "onnx".
 
@@ -168,7 +169,18 @@ def export_run(run_dir: str | Path, out: str | Path, *, use_ema: bool = True, dt
         if problems:
             raise ExportError("cannot write ONNX: " + "; ".join(problems))
 
+    lora = getattr(ck.cfg, "lora", None)
+    lora = lora if lora is not None and lora.rank > 0 else None
+    if lora is not None and not merge_lora and ck.cfg.denoiser.kind != "unet":
+        raise ExportError(f"the LoRA adapter export (diffusers layout) supports denoiser.kind 'unet', not "
+                          f"{ck.cfg.denoiser.kind!r}: export merged weights with --merge-lora")
     state = ema_weights(ck) if use_ema else live_weights(ck)
+    adapter = None
+    if lora is not None:      # launch/interop/export_lora.py: base (+ adapter file) or merged weights
+        from .export_lora import split_state
+
+        state, adapter = split_state(state, lora, merge_lora)
+        config["lora"] = {"rank": lora.rank, "merged": bool(merge_lora)}
     out.mkdir(parents=True, exist_ok=True)
     clear_previous_export(out)
     if ck.cfg.stage == "diffusion":
@@ -185,6 +197,11 @@ def export_run(run_dir: str | Path, out: str | Path, *, use_ema: bool = True, dt
     write_safetensors(state, out / WEIGHTS_FILE, dtype,
                       {"format": EXPORT_FORMAT, "step": ck.step, "config_hash": ck.meta["config_hash"],
                        "weights": config["weights"], "dtype": dtype, "kind": ck.cfg.stage, "tag": ck.tag})
+    if adapter is not None:
+        from .export_lora import write_adapter
+
+        config["lora"].update(write_adapter(out, adapter, lora, ck.cfg.denoiser.kind, dtype,
+                                            {"step": ck.step, "weights": config["weights"]}))
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     if fmt == "diffusers":
         from .export_diffusers import write_diffusers

@@ -47,7 +47,7 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, dtype: str, me
 
 
 _OWNED = ("model.safetensors", "config.json", "autoencoder", "text_encoder", "vae", "unet", "transformer", "onnx",
-          "scheduler", "tokenizer", "model_index.json")
+          "scheduler", "tokenizer", "model_index.json", "pytorch_lora_weights.safetensors")
 
 
 def clear_previous_export(out: Path) -> None:
