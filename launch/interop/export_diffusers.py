@@ -4,6 +4,7 @@
                                                                           shift_factor, latent statistics)
     OUT/unet/...          UNet2DConditionModel          (denoiser.kind unet)
     OUT/transformer/...   PixArtTransformer2DModel      (denoiser.kind dit, PixArt form only)
+    OUT/transformer/...   SD3Transformer2DModel         (denoiser.kind mmdit, ldm/convert_mmdit.py)
 
 `UNet2DConditionModel.from_pretrained(OUT, subfolder="unet")` and `AutoencoderKL.from_pretrained(OUT,
 subfolder="vae")` load them with no conversion. Writing needs no diffusers install: the configs are the
@@ -63,6 +64,11 @@ def diffusers_problems(kind: str, denoiser: Optional[Mapping[str, Any]],
             if cfg.pooled_dim:
                 problems.append("UNet with pooled text conditioning (pooled_dim > 0): no such input in "
                                 "UNet2DConditionModel here")
+        elif cfg.kind == "mmdit":
+            from ldm.convert_mmdit import sd3_incompatibilities
+            reasons = sd3_incompatibilities(cfg.mmdit, cfg.pooled_dim)
+            if reasons:
+                problems.append("MMDiT does not match diffusers' SD3Transformer2DModel: " + "; ".join(reasons))
         else:
             reasons = pixart_incompatibilities(cfg.dit, cfg.pooled_dim)
             if reasons:
@@ -97,8 +103,8 @@ def write_vae(folder: Path, ae_cfg_plain: Mapping[str, Any], state: Mapping[str,
 
 def write_denoiser(out: Path, denoiser_plain: Mapping[str, Any], state: Mapping[str, torch.Tensor], *,
                    dtype: str = "fp32", metadata: Optional[dict] = None) -> str:
-    """Our denoiser -> OUT/unet/ (UNet2DConditionModel) or OUT/transformer/ (PixArtTransformer2DModel).
-    Returns the subfolder name."""
+    """Our denoiser -> OUT/unet/ (UNet2DConditionModel) or OUT/transformer/ (PixArtTransformer2DModel for
+    a DiT, SD3Transformer2DModel for an MMDiT). Returns (subfolder name, class name)."""
     from ldm.config import DenoiserConfig
     from ldm.convert import to_diffusers
 
@@ -108,7 +114,7 @@ def write_denoiser(out: Path, denoiser_plain: Mapping[str, Any], state: Mapping[
     class_name, kwargs, converted = to_diffusers(state, cfg)
     sub = "unet" if cfg.kind == "unet" else "transformer"
     _write_model(out / sub, class_name, kwargs, converted, dtype, metadata or {})
-    return sub
+    return sub, class_name
 
 
 def write_diffusers(out: Path, config: dict, state: Mapping[str, torch.Tensor], dtype: str) -> dict:
@@ -123,8 +129,8 @@ def write_diffusers(out: Path, config: dict, state: Mapping[str, torch.Tensor], 
         write_vae(out / "vae", config["autoencoder"], state, scaling_factor=config.get("scaling_factor"),
                   shift_factor=config.get("shift_factor"), dtype=dtype, metadata=meta)
         return {"vae": "AutoencoderKL"}
-    sub = write_denoiser(out, config["denoiser"], state, dtype=dtype, metadata=meta)
-    written[sub] = "UNet2DConditionModel" if sub == "unet" else "PixArtTransformer2DModel"
+    sub, class_name = write_denoiser(out, config["denoiser"], state, dtype=dtype, metadata=meta)
+    written[sub] = class_name
     ae_dir = autoencoder_path(out, config)
     ae_config, ae_state = read_export(ae_dir)
     ae_meta = {"ldm_step": str(ae_config.get("step")), "ldm_config_hash": str(ae_config.get("config_hash"))}

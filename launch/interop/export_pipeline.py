@@ -34,6 +34,12 @@ def pipeline_notices(config: Mapping[str, Any]) -> list[str]:
     """What the diffusers pipeline of this stage-two export will not reproduce, and why."""
     den, cond = config.get("denoiser") or {}, config.get("conditioning") or {}
     notes = []
+    if den.get("kind") == "mmdit":
+        notes.append("no model_index.json: StableDiffusion3Pipeline needs its three text encoders "
+                     "(CLIPTextModelWithProjection x2 + T5EncoderModel), which this export does not write yet; "
+                     "transformer/ (SD3Transformer2DModel), vae/ and scheduler/ are written; SD3's transformer "
+                     "takes no text mask")
+        return notes
     if den.get("kind") != "unet":
         notes.append(f"no model_index.json: diffusers' pipeline for a {den.get('kind')} "
                      f"({'PixArtAlphaPipeline' if den.get('kind') == 'dit' else 'StableDiffusion3Pipeline'}) "

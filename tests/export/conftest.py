@@ -72,3 +72,18 @@ def copy_tree(tmp_path):
         shutil.copytree(src, dst)
         return dst
     return copy
+
+
+@pytest.fixture(scope="session")
+def mmdit_run(synth_data, ae_export, tmp_path_factory) -> Path:
+    """A tiny MMDiT (SD3 form: QK-norm RMS, context-pre-only last block, pooled text) trained 2 steps by
+    `ldm train` on one rank with the tiny open_clip tower, flow matching with shift auto."""
+    run_dir = tmp_path_factory.mktemp("runs") / "mmdit"
+    run_job(["configs/ldm/unet-small.yaml", f"run_dir={run_dir}", f"data.urls={synth_data}/00000.tar",
+             "data.image_size=32", f"latents.autoencoder={ae_export}", "train.max_steps=2",
+             "denoiser.kind=mmdit", "denoiser.pooled_dim=64", "denoiser.mmdit.input_size=8",
+             "denoiser.mmdit.in_channels=4", "denoiser.mmdit.hidden_size=64", "denoiser.mmdit.depth=2",
+             "denoiser.mmdit.num_heads=4", "denoiser.mmdit.context_dim=128", "denoiser.mmdit.qk_norm=rms",
+             "objective.kind=flow", "objective.shift=auto", "sampling.sampler=euler", "sampling.steps=4",
+             *RUN_FLAGS], nproc=1)
+    return run_dir

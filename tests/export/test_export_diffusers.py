@@ -81,8 +81,8 @@ def test_pixart_form_dit_loads_as_pixart_transformer(tmp_path):
     with torch.no_grad():   # the zero-initialised output layer and cross-attention would hide mismatches
         for p in ours.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    sub = write_denoiser(tmp_path, to_plain(cfg), ours.state_dict())
-    assert sub == "transformer"
+    sub, class_name = write_denoiser(tmp_path, to_plain(cfg), ours.state_dict())
+    assert (sub, class_name) == ("transformer", "PixArtTransformer2DModel")
     theirs = diffusers.PixArtTransformer2DModel.from_pretrained(tmp_path, subfolder="transformer").eval()
     g = torch.Generator().manual_seed(2)
     x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 32, generator=g)
@@ -117,3 +117,39 @@ def test_models_diffusers_cannot_express_are_refused_before_writing(unet_run, tm
     with pytest.raises(ExportError, match="attn_resolutions"):
         export_run(unet_run, tmp_path / "x", fmt="diffusers", autoencoder=ae)
     assert not (tmp_path / "x").exists()
+
+
+def test_mmdit_run_exports_a_transformer_sd3_loads_and_matches_ours(mmdit_run, tmp_path):
+    """A tiny MMDiT trained by the real runtime: OUT/transformer/ is an SD3Transformer2DModel folder that
+    from_pretrained loads; same latents, time, text and pooled text -> same output within 1e-4."""
+    out = tmp_path / "mmdit"
+    rc, stdout, err = cli("export", mmdit_run, out, "--format", "diffusers")
+    assert rc == 0, err
+    files = json.loads(stdout.strip().splitlines()[-1])["files"]
+    assert "transformer/config.json" in files and "transformer/diffusion_pytorch_model.safetensors" in files
+    theirs = diffusers.SD3Transformer2DModel.from_pretrained(out, subfolder="transformer").eval()
+    stage, _ = load_pipeline(out)
+    ours = stage.denoiser.eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([120.0, 900.0])
+    cond = stage.condition({"caption": ["a red circle on a blue background", "a white square on a black background"]})
+    ctx, pooled = cond["context"], cond["pooled"]
+    with torch.no_grad():
+        a0 = ours(x, t, ctx, pooled=pooled)
+        c = theirs(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t).sample
+        assert _max(a0, c) < TOL
+        # 2 steps leave the zero-initialised output layer near zero: perturb ours, write it again, compare
+        torch.manual_seed(1)
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    from launch.interop.export_diffusers import write_denoiser
+
+    write_denoiser(tmp_path / "perturbed", json.loads((out / "config.json").read_text())["denoiser"],
+                   ours.state_dict())
+    perturbed = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "perturbed", subfolder="transformer")
+    with torch.no_grad():
+        a = ours(x, t, ctx, pooled=pooled)
+        b = perturbed.eval()(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t).sample
+    assert a.abs().max() > 1e-2
+    print(f"\nMMDiT export vs SD3Transformer2DModel: trained {_max(a0, c):.2e}, perturbed {_max(a, b):.2e}")
+    assert _max(a, b) < TOL
