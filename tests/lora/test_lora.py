@@ -1,0 +1,126 @@
+"""LoRA through peft (ldm/lora.py), trained by the real runtime (DeepSpeed ZeRO-2, 2 ranks, gloo) on
+configs/ldm/unet-small.yaml, exported (launch/interop/export_lora.py) and loaded by diffusers.
+
+Runs reuse the export tests' helpers (tests/export/export_helpers.py: run_job over tests/runtime/harness)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
+from export_helpers import RUN_FLAGS, harness, run_job  # noqa: E402
+
+UNET = "configs/ldm/unet-small.yaml"
+LORA_STEPS = 24
+
+
+# ----------------------------------------------------------------------------- fast: config
+def test_lora_config_names_key_and_allowed_values():
+    from launch.runtime.config import ConfigError, load_config
+    from ldm.training import build_denoiser_for
+
+    assert load_config(UNET).lora.rank == 0                     # off by default
+    with pytest.raises(ConfigError, match=r"lora\.rank.*>= 0"):
+        load_config(UNET, ["lora.rank=-1"])
+    with pytest.raises(ConfigError, match=r"lora\.dropout"):
+        load_config(UNET, ["lora.rank=4", "lora.dropout=1.5"])
+    with pytest.raises(ConfigError, match=r"lora.*targets.*to_q"):
+        load_config(UNET, ["lora.rank=4", "lora.targets=['']"])
+    with pytest.raises(ValueError, match=r"lora\.targets.*allowed.*to_q"):
+        build_denoiser_for(load_config(UNET, ["lora.rank=4", "lora.targets=[nothing_here]"]))
+
+
+def test_default_targets_exist_for_each_denoiser_kind():
+    from launch.runtime.config import load_config
+    from ldm.lora import has_lora
+    from ldm.training import build_denoiser_for
+
+    for config in (UNET, "configs/ldm/dit-small.yaml"):
+        net = build_denoiser_for(load_config(config, ["lora.rank=2"]))
+        assert has_lora(net)
+        trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+        assert trainable and all(".lora_" in n for n in trainable)
+
+
+# ----------------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from data_pipeline.synthetic import write_synthetic
+    from launch.interop.export import export_run
+
+    root = tmp_path_factory.mktemp("lora")
+    write_synthetic(root / "synth", 64, size=32, seed=3, shard_size=64)
+    data = f"data.urls={root}/synth/00000.tar"
+    run_job(["configs/autoencoder/kl-f4-small.yaml", f"run_dir={root}/ae", data, "train.max_steps=2", *RUN_FLAGS],
+            nproc=1)
+    ae = export_run(root / "ae", root / "ae_export")
+    common = [data, "data.image_size=32", f"latents.autoencoder={ae}", "deepspeed.zero_stage=2",
+              "train.log_every=1", "optimizer.warmup_steps=0", *RUN_FLAGS]
+    run_job([UNET, f"run_dir={root}/full", "train.max_steps=1", *common], nproc=2)
+    run_job([UNET, f"run_dir={root}/lora", f"train.max_steps={LORA_STEPS}", "lora.rank=4", "optimizer.lr=3e-3",
+             "conditioning.dropout_prob=0", *common], nproc=2)
+    return {"root": root, "full": root / "full", "lora": root / "lora"}
+
+
+def _optim_bytes(run: Path) -> float:
+    rec = next(r for r in harness.metrics(run) if "mem/optimizer_state_bytes_max/denoiser" in r)
+    return rec["mem/optimizer_state_bytes_max/denoiser"]
+
+
+def test_lora_zero2_trains_only_adapters_with_small_optimizer_state(runs):
+    from peft.utils import get_peft_model_state_dict
+
+    from launch.runtime.config import load_config
+    from ldm.training import build_denoiser_for
+
+    net = build_denoiser_for(load_config(UNET, ["lora.rank=4"]))
+    ours = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert ours == sum(t.numel() for t in get_peft_model_state_dict(net).values())   # peft's own count
+    full, lora = _optim_bytes(runs["full"]), _optim_bytes(runs["lora"])
+    # AdamW: two fp32 moments per trainable parameter (+ a step counter), split over 2 ranks by ZeRO-2
+    assert lora <= 0.05 * full, f"LoRA {lora:.0f} B vs full fine-tuning {full:.0f} B per rank"
+    assert lora >= 2 * 4 * ours / 2 * 0.9
+    losses = [r["loss"] for r in harness.metrics(runs["lora"]) if "loss" in r]
+    assert len(losses) == LORA_STEPS
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.9 * first, f"loss should fall ({first:.3f} -> {last:.3f})"
+    print(f"trainable {ours} of {sum(p.numel() for p in net.parameters())}; optimizer bytes/rank "
+          f"{lora:.0f} vs {full:.0f} ({lora / full:.4f}); loss {first:.3f} -> {last:.3f}")
+
+
+def test_exported_adapter_in_diffusers_matches_our_merged_model(runs):
+    import diffusers
+    from safetensors.torch import load_file
+
+    from launch.interop.export import export_run
+    from launch.interop.export_lora import ADAPTER_FILE
+    from launch.runtime.config import load_config
+    from ldm.training import build_denoiser
+
+    root = runs["root"]
+    base = export_run(runs["lora"], root / "exp_base", fmt="diffusers")
+    merged = export_run(runs["lora"], root / "exp_merged", merge_lora=True)
+    assert (base / ADAPTER_FILE).is_file() and not (merged / ADAPTER_FILE).exists()
+    keys = list(load_file(str(base / ADAPTER_FILE)))
+    assert all(k.startswith("unet.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in keys)
+    assert any(".to_out.0.lora_A" in k for k in keys)          # diffusers module paths (to_out -> to_out.0)
+
+    ours = build_denoiser(load_config(UNET).denoiser).eval()
+    ours.load_state_dict(load_file(str(merged / "model.safetensors")))
+    unet = diffusers.UNet2DConditionModel.from_pretrained(base, subfolder="unet").eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([50.0, 700.0])
+    ctx = torch.randn(2, 77, load_config(UNET).denoiser.unet.context_dim, generator=g)
+    with torch.no_grad():
+        plain = unet(x, t, encoder_hidden_states=ctx).sample
+        unet.load_lora_adapter(str(base / ADAPTER_FILE), prefix="unet", adapter_name="ours")
+        theirs = unet(x, t, encoder_hidden_states=ctx).sample
+        mine = ours(x, t, ctx)
+    diff = (theirs - mine).abs().max().item()
+    assert (theirs - plain).abs().max() > 1e-3       # the adapter changes the output
+    assert diff < 1e-4, f"diffusers + adapter vs our merged model: max diff {diff:.2e}"
+    print(f"max diff diffusers+LoRA vs merged: {diff:.2e}")
