@@ -11,6 +11,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
+EXIT_LOCKED = 4       # another live run holds RUN_DIR/run.lock (launch/runtime/runlock.py); nothing written
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: a checkpoint was saved; start again and it resumes
 
 _WATCHED = (signal.SIGTERM, signal.SIGUSR1)

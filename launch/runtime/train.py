@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ from .metrics import MetricsWriter, WandbLogger
 from .posthoc import PosthocEMA
 from .progress import TrainProgress
 from .resume import LogWindow, resume, seed_everything
-from .signals import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag
+from .runlock import RunDirLocked, RunLock, die_with_parent
+from .signals import EXIT_LOCKED, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag
 from .universal import needs_universal
 from .validation import Validator
 
@@ -84,11 +86,19 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _write_run_files(self) -> None:
+        locked = None
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "samples").mkdir(exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
-        D.barrier()
+            try:
+                self.run_lock = RunLock(self.run_dir).acquire(self.log)   # one writer per run directory
+            except RunDirLocked as e:
+                locked = e
+            else:
+                (self.run_dir / "samples").mkdir(exist_ok=True)
+                (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        # every rank learns whether rank 0 holds the lock (this collective is also the barrier)
+        if D.all_reduce_max([1.0 if locked else 0.0], self.env.device)[0]:
+            raise locked or RunDirLocked(f"run directory {self.run_dir} is in use by another run (see rank 0)")
 
     def _meta(self) -> dict:
         return {"world_size": self.env.world_size, "zero_stage": self.cfg.deepspeed.zero_stage,
@@ -120,9 +130,16 @@ class Trainer:
         # another world size loads through DeepSpeed's universal format.
         self.ckpt = CheckpointManager(self.run_dir, env, cfg.train.keep_checkpoints)
         tag = self.ckpt.find_resumable(self.log)
+        meta = None
+        while tag is not None and meta is None:     # a tag that vanished since: re-resolve the newest complete one
+            try:
+                meta = self.ckpt.read_meta(tag)
+            except FileNotFoundError:
+                self.log(f"warning: checkpoint {tag} vanished before it was read; looking again")
+                tag = self.ckpt.find_resumable(self.log)
         # init.from: weights only, before any engine exists; a checkpoint to resume takes precedence
         init_ema = initialise(cfg, self.stage, self.log, env.is_main) if tag is None else None
-        universal = tag is not None and needs_universal(self.ckpt.read_meta(tag), env.world_size)
+        universal = tag is not None and needs_universal(meta, env.world_size)
         self.engines = {name: build_engine(m, self.stage.param_groups(name), cfg, load_universal=universal)
                         for name, m in modules.items()}
         if cfg.train.compile:
@@ -413,6 +430,9 @@ class Trainer:
         D.barrier()
 
     def close(self) -> None:
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
+            self.run_lock = None
         for engine in getattr(self, "engines", {}).values():
             if hasattr(engine, "destroy"):
                 engine.destroy()
@@ -428,6 +448,8 @@ def run_training(cfg: Config, build_stage: Callable[[Config], Any],
     """Initialise the process group, build stage and data, train, tear everything down."""
     check_runtime_config(cfg)
     flush_denormals()
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        die_with_parent()                        # no orphan keeps training after its launcher is killed
     env = D.init_distributed()
     trainer = None
     try:
@@ -435,7 +457,11 @@ def run_training(cfg: Config, build_stage: Callable[[Config], Any],
         stage = build_stage(cfg)
         train_data, val_data = build_data(cfg, env)
         trainer = Trainer(cfg, env, stage, train_data, val_data, eval_module_factory, stats_data=stats_data)
-        return trainer.run()
+        try:
+            return trainer.run()
+        except RunDirLocked as e:
+            print(f"[ldm] error: {e}", file=sys.stderr, flush=True)
+            return TrainResult("locked", 0, EXIT_LOCKED)
     finally:
         if trainer is not None:
             trainer.close()
