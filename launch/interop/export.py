@@ -61,6 +61,19 @@ def _is_open_clip_tag(arch: str, pretrained: str | None) -> bool:
     return bool(open_clip.get_pretrained_cfg(arch, pretrained))
 
 
+def text_encoder_problems(cfg) -> list[str]:
+    """Why the export cannot hold this run's text encoders (empty: it can). It writes one open_clip tower;
+    a `text.encoders` list of several entries or a T5 would be exported as a single, wrong encoder."""
+    from ldm.text_encoders import text_encoder_entries
+
+    entries = text_encoder_entries(cfg)
+    if len(entries) == 1 and entries[0].kind == "open_clip":
+        return []
+    kinds = ", ".join(e.kind for e in entries)
+    return [f"text.encoders has {len(entries)} entries ({kinds}): the export writes one open_clip text tower "
+            f"only, so these encoders are not exported yet"]
+
+
 def write_text_encoder(te_cfg, out: Path, mode: str = "auto") -> tuple[dict, str | None]:
     """Make the text encoder of an export independent of the machine that trained it.
 
@@ -148,6 +161,10 @@ def export_run(run_dir: str | Path, out: str | Path, *, use_ema: bool = True, dt
             config["scaling_factor"] = ck.cfg.latents.scaling_factor
         if ck.cfg.latents.shift_factor is not None:
             config["shift_factor"] = ck.cfg.latents.shift_factor
+    if ck.cfg.stage == "diffusion":   # refuse before writing anything
+        problems = text_encoder_problems(ck.cfg)
+        if problems:
+            raise ExportError("cannot export: " + "; ".join(problems))
     if fmt == "diffusers":   # refuse before writing anything
         from .export_diffusers import diffusers_problems
 

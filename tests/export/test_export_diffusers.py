@@ -153,3 +153,13 @@ def test_mmdit_run_exports_a_transformer_sd3_loads_and_matches_ours(mmdit_run, t
     assert a.abs().max() > 1e-2
     print(f"\nMMDiT export vs SD3Transformer2DModel: trained {_max(a0, c):.2e}, perturbed {_max(a, b):.2e}")
     assert _max(a, b) < TOL
+
+
+def test_several_text_encoders_are_refused_before_writing_not_exported_as_one():
+    """Until each encoder is written, an export of a CLIP + CLIP + T5 run must not silently hold one tower."""
+    from launch.interop.export import text_encoder_problems
+    from launch.runtime.config import load_config
+
+    problems = text_encoder_problems(load_config("configs/ldm/mmdit-sd3-medium.yaml"))
+    assert len(problems) == 1 and "3 entries (open_clip, open_clip, t5)" in problems[0]
+    assert text_encoder_problems(load_config("configs/ldm/unet-small.yaml")) == []
