@@ -29,8 +29,10 @@ SECTIONS = {
               "process, steps alternating A B A B, medians. MFU = the peer's nominal FLOPs per step x steps/s / the "
               "matmul peak measured in the same run; oneDNN's Winograd convolutions can push conv models past 100 %.",
               "ldm bench train"),
-    "train_cuda": ("Training step on a GPU (bf16, flash SDPA, torch.compile, channels_last)",
-                   "MFU against the GPU's measured bf16 GEMM peak.", "ldm bench train --cuda"),
+    "gpu": ("On a GPU: SD-UNet and DiT-XL/2 training steps, ZeRO-2 memory vs `ldm plan`",
+            "256 px, bf16 autocast, torch SDPA, torch.compile off and on, ours vs diffusers with the same weights; "
+            "MFU against the GPU's bf16 GEMM peak measured in the same run; then a live DeepSpeed ZeRO-2 engine's "
+            "allocator peak beside the planner's prediction.", "bench/gpu.sh"),
     "precomputed": ("Stage two: precomputed latents vs online encoding",
                     "The runtime's loader and training step, alternating, one process.", "ldm bench precomputed"),
     "loader": ("Loader vs the JPEG decode bound", "One process decoding the same bytes in a tight loop is the bound.",

@@ -25,6 +25,7 @@ alternating A B A B, so ratios survive some noise, but absolute img/s do not.
   ldm bench train --json            # the list of comparison objects
   ldm bench train --quick           # tiny models, seconds (what the tests run)
   ldm bench train --cuda            # bf16, flash SDPA, torch.compile, channels_last (needs a GPU)
+  bench/gpu.sh [--dry-run]          # the prepared GPU run (<= 8 min): SD-UNet + DiT-XL/2, ZeRO-2 vs ldm plan
   ldm bench report                  # rewrite the README Performance block from bench/results
   ldm bench all                     # every benchmark, then the report
 """
