@@ -34,12 +34,13 @@ MAY_IMPORT = {
 }
 # launch/ room -> the rooms it may import (besides itself); `launch` is the package's own top level
 ROOMS = {
-    "runtime": set(),
+    "report": set(),
+    "runtime": {"report"},
     "interop": {"runtime"},
     "evaluate": {"runtime", "interop"},
     "plan": {"runtime"},
     "demo": {"runtime", "interop", "evaluate"},
-    "cli": {"runtime", "interop", "evaluate", "plan", "demo"},
+    "cli": {"report", "runtime", "interop", "evaluate", "plan", "demo"},
     "launch": {"cli"},            # launch/__main__.py
 }
 

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from . import dist as D
+from launch.report.html import write_report_safely
+
 from .checkpoint import CheckpointManager, capture_rng, tag_for
 from .config import Config
 from .configio import ConfigError, config_hash, dump_yaml, to_plain
@@ -348,6 +350,8 @@ class Trainer:
         self.ckpt.save(step, self.engines, self.ema, self._rank_state(step), self._meta(), also=self.posthoc)
         self.last_saved_step = step
         self.log(f"checkpoint {tag_for(step)} saved")
+        if self.env.is_main:   # RUN_DIR/report.html, always current; a failure only warns
+            write_report_safely(self.run_dir, self.log)
 
     def _log_step(self, step: int, lrs: dict[str, float], elapsed: float) -> None:
         means = D.all_reduce_mean(self.window.means(), self.env.device)
