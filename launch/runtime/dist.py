@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .runlock import die_with_parent
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -60,6 +62,8 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     import deepspeed
 
     rank, world, local_rank = read_env()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()       # a torchrun worker (own session) must not train on after its agent is killed
     if world == 1 and "MASTER_PORT" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

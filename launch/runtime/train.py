@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from .metrics import MetricsWriter, WandbLogger
 from .posthoc import PosthocEMA
 from .progress import TrainProgress
 from .resume import LogWindow, resume, seed_everything
-from .runlock import RunDirLocked, RunLock, die_with_parent
+from .runlock import RunDirLocked, RunLock
 from .signals import EXIT_LOCKED, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag
 from .universal import needs_universal
 from .validation import Validator
@@ -119,7 +118,11 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, env = self.cfg, self.env
         flush_denormals()
-        self._write_run_files()
+        try:
+            self._write_run_files()
+        except RunDirLocked as e:
+            print(f"[ldm] error: {e}", file=sys.stderr, flush=True)
+            return TrainResult("locked", 0, EXIT_LOCKED)
         seed_everything(cfg.train.seed)                      # identical initial weights on every rank
         modules = self.stage.trainable_modules()
         if cfg.train.activation_checkpointing:
@@ -452,8 +455,6 @@ def run_training(cfg: Config, build_stage: Callable[[Config], Any],
     """Initialise the process group, build stage and data, train, tear everything down."""
     check_runtime_config(cfg)
     flush_denormals()
-    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
-        die_with_parent()                        # no orphan keeps training after its launcher is killed
     env = D.init_distributed()
     trainer = None
     try:
@@ -461,11 +462,7 @@ def run_training(cfg: Config, build_stage: Callable[[Config], Any],
         stage = build_stage(cfg)
         train_data, val_data = build_data(cfg, env)
         trainer = Trainer(cfg, env, stage, train_data, val_data, eval_module_factory, stats_data=stats_data)
-        try:
-            return trainer.run()
-        except RunDirLocked as e:
-            print(f"[ldm] error: {e}", file=sys.stderr, flush=True)
-            return TrainResult("locked", 0, EXIT_LOCKED)
+        return trainer.run()
     finally:
         if trainer is not None:
             trainer.close()

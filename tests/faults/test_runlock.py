@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,57 @@ def test_worker_in_its_own_session_dies_with_its_launcher(tmp_path):
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     pytest.fail("the worker outlived its launcher by 30 s")
+
+
+# ----------------------------------------------------------------------------- the real job (torchrun, 2 ranks)
+
+import harness as H  # noqa: E402  (tests/conftest.py puts tests/runtime on the path)
+
+TOY = ["train.micro_batch_size=4", "train.log_every=1", "optimizer.lr=0.01", "deepspeed.zero_stage=2"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_kill9_of_the_launcher_alone_leaves_no_worker(tmp_path):
+    run = tmp_path / "run"
+    proc = H.start([str(run), *TOY, "train.max_steps=400", "train.checkpoint_every=5"], TOY_SLEEP_S="0.1")
+    H.wait_for_step(run, 2, proc)
+    pids = [int((run / f"pid_rank{r}").read_text()) for r in (0, 1)]
+    os.killpg(proc.pid, signal.SIGKILL)                 # torchrun's group only: the workers have their own sessions
+    proc.wait()
+    t0 = time.time()
+    while any(_alive(p) for p in pids) and time.time() - t0 < 30:
+        time.sleep(0.2)
+    left = [p for p in pids if _alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their launcher by 30 s"
+    print(f"workers gone {time.time() - t0:.1f} s after the launcher's kill")
+
+
+def test_second_start_on_a_live_run_dir_exits_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    args = [str(run), *TOY, "train.max_steps=2000", "train.checkpoint_every=5"]
+    first = H.start(args, TOY_SLEEP_S="0.2")
+    H.wait_for_step(run, 2, first)
+    holder = int((run / "pid_rank0").read_text())
+    t0 = time.time()
+    second = H.run(args, timeout=240)
+    out = second.stdout + second.stderr
+    assert second.returncode != 0, out[-3000:]
+    assert "is in use by another run" in out and f"pid {holder}" in out, out[-3000:]
+    assert first.poll() is None, "the first run is still training"
+    print(f"second start refused in {time.time() - t0:.1f} s")
+    os.kill(holder, signal.SIGTERM)                     # end the first run cleanly: it saves and exits 75
+    out1 = first.communicate(timeout=120)[0]
+    res = H.result(run)
+    assert res["status"] == "preempted", out1[-3000:]
+    assert sorted(H.train_losses(run)) == list(range(1, res["step"] + 1)), "the first run unharmed, each step once"
+    assert (run / "checkpoints" / f"step_{res['step']:08d}" / "COMPLETE").is_file()
+    assert not (run / "run.lock").exists()
