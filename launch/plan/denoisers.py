@@ -1,4 +1,4 @@
-"""The symbolic forward walks of the stage-two denoisers (UNet, DiT) on a `Tape`: FLOPs and saved bytes per
+"""The symbolic forward walks of the stage-two denoisers (UNet, DiT, MMDiT) on a `Tape`: FLOPs and saved bytes per
 sample, mirroring ldm/unet.py and ldm/dit.py op by op. The counting rules are launch/plan/tape.py's; the
 closed forms per block that these walks add up are `UNET_FORMULAS` and `DIT_FORMULAS`."""
 from __future__ import annotations
@@ -223,5 +223,87 @@ def dit_forward(cfg, latent_hw: tuple[int, int], ctx_len: int = 77, precision: s
         mod = t.add(t.new(2 * d, F32), c)
     one_plus = t.new(d, mod.size)
     m = t.add(t.mul(t.norm(tokens, n), one_plus), t.view(mod, d))
+    t.linear(m, n, d, p * p * out_ch)
+    return _finish(t, checkpointing)
+
+
+# ----------------------------------------------------------------------------- stage two: MMDiT
+
+def _modulate(t: Tape, a: Sym, shift: Sym, scale: Sym, d: int) -> Sym:
+    one_plus = t.new(d, scale.size)                        # addcmul(shift, a, 1 + scale)
+    return t.add(t.mul(a, one_plus), shift)
+
+
+def _mmdit_block(t: Tape, img: Sym, txt: Sym, c_act: Sym, n: int, L: int, d: int, heads: int, mlp: int,
+                 qk_norm: str, pre_only: bool) -> tuple[Sym, Optional[Sym]]:
+    """ldm.mmdit.MMDiTBlock: two weight streams, one joint attention over n image + L text tokens."""
+    img_mod = t.linear(c_act, 1, d, 6 * d)
+    img_mod = [t.view(img_mod, d) for _ in range(6)]
+    txt_mod = t.linear(c_act, 1, d, (2 if pre_only else 6) * d)
+    txt_mod = [t.view(txt_mod, d) for _ in range(2 if pre_only else 6)]
+    a_img = _modulate(t, t.norm(img, n), img_mod[0], img_mod[1], d)
+    a_txt = _modulate(t, t.norm(txt, L), txt_mod[0], txt_mod[1], d)
+    qkv = t.linear(a_img, n, d, 3 * d)
+    q, k, v = (t.view(qkv, n * d) for _ in range(3))
+    tqkv = t.linear(a_txt, L, d, 3 * d)
+    tq, tk, tv = (t.view(tqkv, L * d) for _ in range(3))
+    if qk_norm == "rms":
+        q, k, tk = t.rms_norm(q), t.rms_norm(k), t.rms_norm(tk)
+        if not pre_only:
+            tq = t.rms_norm(tq)
+    elif qk_norm == "layer":
+        q, k, tk = t.norm(q, n * heads), t.norm(k, n * heads), t.norm(tk, L * heads)
+        if not pre_only:
+            tq = t.norm(tq, L * heads)
+    lk = n + L
+    k, v = t.new(lk * d, k.size), t.new(lk * d, v.size)    # torch.cat of the image and text keys / values
+    lq = n if pre_only else lk
+    if not pre_only:
+        q = t.new(lq * d, q.size)
+    o = t.attention(q, k, v, heads, lq, lk, d)
+    o = t.new(lq * d, o.size)                              # transpose + reshape: a copy
+    img = t.add(img, t.mul(img_mod[2], t.linear(t.view(o, n * d), n, d, d)))
+    h = t.linear(_modulate(t, t.norm(img, n), img_mod[3], img_mod[4], d), n, d, mlp)
+    img = t.add(img, t.mul(img_mod[5], t.linear(t.act(h), n, mlp, d)))
+    if pre_only:
+        return img, None
+    txt = t.add(txt, t.mul(txt_mod[2], t.linear(t.view(o, L * d), L, d, d)))
+    h = t.linear(_modulate(t, t.norm(txt, L), txt_mod[3], txt_mod[4], d), L, d, mlp)
+    txt = t.add(txt, t.mul(txt_mod[5], t.linear(t.act(h), L, mlp, d)))
+    return img, txt
+
+
+def mmdit_forward(cfg, latent_hw: tuple[int, int], ctx_len: int = 77, precision: str = "fp32",
+                  checkpointing: bool = False, pooled_dim: int = 0, learned_null: bool = False,
+                  policy: str = "cuda", grad: bool = True) -> ForwardCount:
+    """One sample through ldm.mmdit.MMDiT (`cfg`: ldm.config.MMDiTConfig) at latent size `latent_hw`,
+    text length `ctx_len` (the joined tokens of every encoder)."""
+    t = Tape(precision, policy, grad)
+    d, p = cfg.hidden_size, cfg.patch_size
+    gh, gw = latent_hw[0] // p, latent_hw[1] // p
+    n, L = gh * gw, ctx_len
+    out_ch = cfg.out_channels or cfg.in_channels
+    mlp = int(d * cfg.mlp_ratio)
+    x = t.input(cfg.in_channels * latent_hw[0] * latent_hw[1], batch=True)
+    t.input(1, F32, batch=True)                            # t
+    img = t.conv(x, gh, gw, cfg.in_channels, d, p)
+    if cfg.pos_embed != "none":
+        img = t.add(img, t.new(n * d, img.size))            # + positions
+    c = t.linear(t.act(t.linear(t.input(256, img.size), 1, 256, d)), 1, d, d)
+    ctx = t.input(L * cfg.context_dim, batch=True)
+    t.input(L, 1, batch=True)                              # context_mask (bool)
+    if learned_null:
+        ctx = t.new(ctx.numel, ctx.size)
+    if pooled_dim:
+        c = t.add(c, t.linear(t.act(t.linear(t.input(pooled_dim), 1, pooled_dim, d)), 1, d, d))
+    txt = t.linear(t.cast(ctx, img.size), L, cfg.context_dim, d)
+    t.new(n + L, 1)                                        # the joint key mask (bool)
+    c_act = t.act(c)
+    for i in range(cfg.depth):
+        pre_only = cfg.context_pre_only and i == cfg.depth - 1
+        with t.checkpoint(checkpointing, (img, txt, c_act), "mmdit_block"):
+            img, txt = _mmdit_block(t, img, txt, c_act, n, L, d, cfg.num_heads, mlp, cfg.qk_norm, pre_only)
+    mod = t.linear(t.act(c), 1, d, 2 * d)
+    m = _modulate(t, t.norm(img, n), t.view(mod, d), t.view(mod, d), d)
     t.linear(m, n, d, p * p * out_ch)
     return _finish(t, checkpointing)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .denoisers import dit_forward, unet_forward
+from .denoisers import dit_forward, mmdit_forward, unet_forward
 from .frozen import TextTower, autoencoder_forward, autoencoder_params, t5_tower, text_tower
 from .tape import ForwardCount
 from .zero import ParamInfo, param_info
@@ -74,9 +74,9 @@ def describe(cfg, policy: str = "cuda") -> Description:
     if cfg.stage != "diffusion":
         raise ConfigError("ldm plan models stage-two (diffusion) configs; this one is stage: "
                           f"{cfg.stage!r}")
-    if cfg.denoiser.kind not in ("unet", "dit"):
-        raise ConfigError(f"ldm plan walks denoiser.kind unet and dit; {cfg.denoiser.kind!r} has no forward count "
-                          "in launch/plan/denoisers.py yet (ldm info counts its parameters)")
+    if cfg.denoiser.kind not in ("unet", "dit", "mmdit"):
+        raise ConfigError(f"ldm plan walks denoiser.kind unet, dit and mmdit; {cfg.denoiser.kind!r} has no forward "
+                          "count in launch/plan/denoisers.py yet (ldm info counts its parameters)")
     notes: list[str] = []
     den = stages.build_models_on_meta(cfg)["denoiser"]
     # the DeepSpeed config as launch/runtime/engine.py writes it, read at stage 3 so that every ZeRO key is present
@@ -88,19 +88,23 @@ def describe(cfg, policy: str = "cuda") -> Description:
                            sampling=cfg.sampling)
     pi = param_info(den, stage.param_groups("denoiser"), threshold)
     d = cfg.denoiser
-    arch = d.unet if d.kind == "unet" else d.dit
+    arch = {"unet": d.unet, "dit": d.dit, "mmdit": d.mmdit}[d.kind]
     ckpt = bool(cfg.train.activation_checkpointing or arch.activation_checkpointing)
 
     towers, ctx_len = _text_towers(cfg, notes)
     if d.kind == "unet":
         latent = (d.unet.in_channels, d.unet.sample_size, d.unet.sample_size)
     else:
-        latent = (d.dit.in_channels, d.dit.input_size, d.dit.input_size)
+        latent = (arch.in_channels, arch.input_size, arch.input_size)
     precision = cfg.train.precision
     fwd = {}
     for ac in (False, True):
         if d.kind == "unet":
             fwd[ac] = unet_forward(d.unet, latent[1:], ctx_len, precision, ac, d.pooled_dim, policy)
+        elif d.kind == "mmdit":
+            fwd[ac] = mmdit_forward(d.mmdit, latent[1:], ctx_len, precision, ac, d.pooled_dim,
+                                    cfg.conditioning.null_embedding == "learned" and d.learned_null_tokens > 0,
+                                    policy)
         else:
             fwd[ac] = dit_forward(d.dit, latent[1:], ctx_len, precision, ac, d.pooled_dim,
                                   cfg.conditioning.null_embedding == "learned" and d.learned_null_tokens > 0, policy)

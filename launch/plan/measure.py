@@ -72,6 +72,8 @@ def denoiser_inputs(denoiser_cfg, batch: int, latent_hw: tuple[int, int], ctx_le
     """Keyword arguments for a UNet / DiT forward: x, t, context (+ pooled, + context_mask, half padding)."""
     if denoiser_cfg.kind == "unet":
         ch, ctx_dim = denoiser_cfg.unet.in_channels, denoiser_cfg.unet.context_dim
+    elif denoiser_cfg.kind == "mmdit":
+        ch, ctx_dim = denoiser_cfg.mmdit.in_channels, denoiser_cfg.mmdit.context_dim
     else:
         ch, ctx_dim = denoiser_cfg.dit.in_channels, denoiser_cfg.dit.context_dim
     device = torch.device(device)

@@ -58,7 +58,7 @@ def test_plan_counts_every_text_encoder(tmp_path):
 
 def test_sd3_medium_text_encoders_before_download(capsys):
     """configs/ldm/mmdit-sd3-medium.yaml: CLIP-L + bigG from open_clip's configs, T5-XXL (bf16) by the folder's
-    name; the joined text is 77 + 256 tokens. (ldm plan itself does not walk an MMDiT yet: a clear error.)"""
+    name; the joined text is 77 + 256 tokens; the MMDiT is walked (launch/plan/denoisers.mmdit_forward)."""
     import pytest
     from launch.plan.description import _text_towers, describe
     from launch.runtime.configio import ConfigError
@@ -73,5 +73,8 @@ def test_sd3_medium_text_encoders_before_download(capsys):
         names = ", ".join(f"{t['name']} {t['params']:,}" for t in towers)
         print(f"\nSD3-medium text encoders: {names}; resident "
               f"{sum(t['bytes'] for t in towers) / 2 ** 30:.2f} GiB")
-    with pytest.raises(ConfigError, match="mmdit"):
-        describe(cfg)
+    desc = describe(cfg)       # the MMDiT forward walk: activations over 64 x 64 image + 333 text tokens
+    assert desc.kind == "mmdit" and desc.params.trainable == 2_028_328_000
+    assert desc.forward[False].saved_bytes > desc.forward[True].saved_bytes > 0
+    with pytest.raises(ConfigError, match="stage"):
+        describe(load("autoencoder/kl-f8"))
