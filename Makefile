@@ -21,7 +21,7 @@ PIP_TOOLS := $(shell sed -n 's/^pip-tools==\([^ ]*\).*/\1/p' $(LOCK))
 LOCK_FLAGS := --quiet --upgrade --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
               --constraint requirements/pins.in
 
-.PHONY: demo test test-slow install install-cuda lock check-lock bench clean-venv
+.PHONY: demo test test-slow chromium install install-cuda lock check-lock bench clean-venv
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,7 +48,12 @@ lock:
 demo: $(STAMP)
 	$(BIN)/ldm demo --out $(OUT)
 
-test: $(STAMP)
+# tests/report renders the run report in a real headless Chromium: install it when root, else say how.
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y chromium; } || \
+	  { echo "make: chromium is missing; as root: apt-get install -y chromium" >&2; exit 1; }
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
 test-slow: $(STAMP)
