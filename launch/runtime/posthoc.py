@@ -158,3 +158,43 @@ def reconstruct(run_dir: str | Path, sigma_rels: list[float], step: Optional[int
                            "coefficients": {f"{s:g}": float(coeffs[s][i]) for s in sigma_rels}}
                           for i, p in enumerate(snaps)]}
     return result, info
+
+
+DEFAULT_SWEEP = (0.03, 0.05, 0.075, 0.1, 0.15, 0.2)
+
+
+def sweep(run_dir: str | Path, sigma_rels=DEFAULT_SWEEP, step: Optional[int] = None, log=print,
+          stage=None, val_data=None) -> dict:
+    """Score each reconstruction by the fixed-t validation loss (launch/runtime/validation.py) on the run's
+    held-out data (`val_data`, default data.val_urls), in this process (one rank, CPU); `stage` defaults to the
+config's. Returns {step, losses: {sigma_rel: val_loss}, best}."""
+    from .runweights import open_run
+    from data_pipeline.loader import build_eval_loader
+
+    from .stages import build_stage
+    from .validation import Validator
+
+    cfg = open_run(run_dir).cfg
+    env = D.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    if val_data is not None:
+        val = val_data
+    elif not cfg.data.val_urls:
+        raise FileNotFoundError("the run has no held-out data (data.val_urls); nothing to score by")
+    else:
+        val_cfg = dataclasses.replace(cfg.data, num_workers=0)
+
+        def val():
+            return iter(build_eval_loader(val_cfg, cfg.data.val_urls, rank=0, world_size=1,
+                                          batch_size=cfg.train.micro_batch_size))
+    weights, info = reconstruct(run_dir, list(sigma_rels), step)
+    stage = stage if stage is not None else build_stage(cfg)
+    stage.setup(env.device)
+    nets = stage.trainable_modules()
+    main = nets[stage.main_module]
+    validator = Validator(stage, env, val, every=1, batches=cfg.validation.batches, seed=cfg.train.seed, log=log)
+    losses = {}
+    for s in sigma_rels:
+        main.load_state_dict({k: v.to(main.state_dict()[k].dtype) for k, v in weights[s].items()}, strict=False)
+        losses[float(s)] = validator.evaluate(nets)["val/val_loss"]
+    best = min(losses, key=losses.get)
+    return {"step": info["step"], "losses": losses, "best": best}

@@ -100,3 +100,18 @@ def test_ldm_ema_writes_reconstructions(zero3_run, tmp_path):
     assert got.keys() == rec[0.075].keys() and all(torch.equal(got[k], rec[0.075][k]) for k in got)
     assert (out / "ema_sigma0.2.safetensors").is_file()
     assert json.loads((out / "posthoc.json").read_text())["t"] == 40
+
+
+def test_posthoc_sweep_names_the_lowest_validation_loss(zero3_run):
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from toy_quality import FlowStage, held_out
+
+    from launch.runtime.posthoc import sweep
+    sigmas = [0.03, 0.075, 0.15, 0.25]
+    result = sweep(zero3_run, sigmas, stage=FlowStage(), val_data=held_out(0), log=lambda m: None)
+    losses = result["losses"]
+    print("sweep", result)
+    assert set(losses) == set(sigmas) and result["step"] == 40
+    assert all(losses[result["best"]] <= v for v in losses.values())
+    assert len({round(v, 9) for v in losses.values()}) == len(sigmas)     # each scored its own weights
