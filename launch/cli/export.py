@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="RUN_DIR OUT: the run directory and the output folder (only OUT with --from-*-vae)")
     p.add_argument("--format", choices=("safetensors", "diffusers", "onnx"), default="safetensors", dest="fmt")
     p.add_argument("--no-ema", action="store_true", help="export the live weights instead of the EMA")
+    p.add_argument("--ema-sigma-rel", type=float, default=None, metavar="X",
+                   help="export the post-hoc EMA of this sigma_rel, reconstructed from RUN_DIR/phema/ (ldm ema; "
+                        "safetensors format)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="dtype of the safetensors files (ONNX graphs are fp32)")
     p.add_argument("--tag", default=None, help="checkpoint tag (step_XXXXXXXX); default: newest complete one")
@@ -64,6 +67,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stats-urls", nargs="*", default=[], metavar="URL",
                    help="measure scaling/shift factors on these shards when the source gives none")
     g.add_argument("--stats-batches", type=int, default=32)
+
+
+def _posthoc_weights(out, args):
+    from launch.runtime.exportdir import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, write_safetensors
+    from launch.runtime.posthoc import reconstruct
+
+    if args.fmt != "safetensors" or args.merge_lora:
+        raise ValueError("--ema-sigma-rel exports the safetensors format only (without --merge-lora)")
+    weights, info = reconstruct(args.paths[0], [args.ema_sigma_rel])
+    config = json.loads((out / CONFIG_FILE).read_text())
+    config["weights"] = f"posthoc_ema sigma_rel={args.ema_sigma_rel:g} step={info['step']}"
+    write_safetensors(weights[args.ema_sigma_rel], out / WEIGHTS_FILE, args.dtype,
+                      {"format": EXPORT_FORMAT, "step": info["step"], "weights": config["weights"],
+                       "dtype": args.dtype})
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    return out
 
 
 def run(args) -> int:
@@ -99,6 +118,8 @@ def run(args) -> int:
                                  copy_autoencoder=not args.reference_autoencoder, fmt=args.fmt,
                                  text_encoder=args.text_encoder, onnx_check=not args.no_onnx_check,
                                  merge_lora=args.merge_lora)
+                if args.ema_sigma_rel is not None:      # launch/runtime/posthoc.py: EDM2 reconstruction
+                    out = _posthoc_weights(out, args)
     except (ExportError, FileNotFoundError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"ldm export: error: {msg}", file=sys.stderr)

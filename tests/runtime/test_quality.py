@@ -115,3 +115,13 @@ def test_posthoc_sweep_names_the_lowest_validation_loss(zero3_run):
     assert set(losses) == set(sigmas) and result["step"] == 40
     assert all(losses[result["best"]] <= v for v in losses.values())
     assert len({round(v, 9) for v in losses.values()}) == len(sigmas)     # each scored its own weights
+
+
+def test_export_ema_sigma_rel_writes_the_reconstruction(zero3_run, tmp_path):
+    out = tmp_path / "export"
+    H.assert_ok(H.run(["export", str(zero3_run), str(out), "--ema-sigma-rel", "0.15"], nproc=1, script=H.LDM,
+                      timeout=180))
+    rec, _ = reconstruct(zero3_run, [0.15])
+    got = load_file(str(out / "model.safetensors"))
+    assert got.keys() == rec[0.15].keys() and all(torch.equal(got[k], rec[0.15][k]) for k in got)
+    assert json.loads((out / "config.json").read_text())["weights"].startswith("posthoc_ema sigma_rel=0.15")
