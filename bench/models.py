@@ -31,13 +31,19 @@ AE_KW = dict(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, z_channels=4, embed_
 # hidden 384, depth 12, 6 heads, patch 2 on the same 16x16x4 latents, 77 text tokens of width 256.
 DIT_KW = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=384, depth=12, num_heads=6,
               context_dim=256, learn_sigma=True)
+# MMDiT: SD3 form (two weight streams, joint attention, RMS QK-norm, context-pre-only last block, pooled
+# text) at the DiT row's width: hidden 384, depth 12, 6 heads, patch 2, 16x16x4 latents, 77 text tokens of
+# width 256, pooled text of width 256.
+MMDIT_KW = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=384, depth=12, num_heads=6,
+                context_dim=256, qk_norm="rms")
+MMDIT_POOLED = 256
 TEXT_LEN = 77
 
 
 @dataclass
 class Pair:
     """Two modules computing the same function, and how to run one training step of either."""
-    name: str                      # "unet" | "autoencoder" | "dit"
+    name: str                      # "unet" | "autoencoder" | "dit" | "mmdit"
     peer: str                      # the diffusers class name
     ours: nn.Module
     theirs: nn.Module
@@ -114,6 +120,30 @@ def dit_pair(batch: int = 16, seed: int = 0, **overrides) -> Pair:
                 loss=lambda out, i: F.mse_loss(out.float(), i["target"]), extra={"config": cfg})
 
 
+def mmdit_pair(batch: int = 16, seed: int = 0, pooled_dim: int = MMDIT_POOLED, **overrides) -> Pair:
+    """SD3's transformer attends to every text token (no mask): ours is run unmasked too (same function,
+    no caption packing)."""
+    from diffusers import SD3Transformer2DModel
+
+    from ldm.config import MMDiTConfig
+    from ldm.convert_mmdit import mmdit_to_diffusers, sd3_diffusers_config
+    from ldm.mmdit import MMDiT
+
+    cfg = MMDiTConfig(**{**MMDIT_KW, **overrides})
+    torch.manual_seed(seed)
+    ours = _perturb(MMDiT(cfg, pooled_dim), 0.02, seed)
+    theirs = SD3Transformer2DModel(**sd3_diffusers_config(cfg, pooled_dim))
+    theirs.load_state_dict(mmdit_to_diffusers(ours.state_dict(), cfg, pooled_dim), strict=True)
+    inputs = _denoiser_inputs(batch, cfg.in_channels, cfg.in_channels, cfg.input_size, cfg.context_dim, seed + 1)
+    del inputs["mask"]
+    inputs["pooled"] = torch.randn(batch, pooled_dim, generator=torch.Generator().manual_seed(seed + 2))
+    return Pair("mmdit", "SD3Transformer2DModel", ours, theirs, batch, inputs,
+                run_ours=lambda m, i: m(i["x"], i["t"], i["context"], pooled=i["pooled"]),
+                run_theirs=lambda m, i: m(hidden_states=i["x"], encoder_hidden_states=i["context"],
+                                          pooled_projections=i["pooled"], timestep=i["t"]).sample,
+                loss=lambda out, i: F.mse_loss(out.float(), i["target"]), extra={"config": cfg})
+
+
 class _DiffusersAEStep(nn.Module):
     """diffusers' AutoencoderKL as one training forward: encode, sample the posterior, decode."""
 
@@ -165,7 +195,7 @@ def autoencoder_pair(batch: int = 4, seed: int = 0, **overrides) -> Pair:
                 loss=_ae_loss, extra={"config": cfg})
 
 
-PAIRS = {"autoencoder": autoencoder_pair, "unet": unet_pair, "dit": dit_pair}
+PAIRS = {"autoencoder": autoencoder_pair, "unet": unet_pair, "dit": dit_pair, "mmdit": mmdit_pair}
 
 
 def _first(out):

@@ -33,18 +33,20 @@ from . import models as M
 from .common import alternate, host, markdown_table, median, save, set_threads
 from .peak import measure as measure_peak, peak_for
 
-TARGETS = {("autoencoder", "bf16"): 1.3, ("unet", "bf16"): 1.5, ("dit", "bf16"): 1.5,
-           ("autoencoder", "fp32"): 1.0, ("unet", "fp32"): 1.0, ("dit", "fp32"): 1.0}
-FP32_TOL = {"autoencoder": 1e-5, "unet": 1e-4, "dit": 1e-4}     # the converters' equivalence-test tolerances
+TARGETS = {("autoencoder", "bf16"): 1.3, ("unet", "bf16"): 1.5, ("dit", "bf16"): 1.5, ("mmdit", "bf16"): 1.3,
+           ("autoencoder", "fp32"): 1.0, ("unet", "fp32"): 1.0, ("dit", "fp32"): 1.0, ("mmdit", "fp32"): 1.0}
+FP32_TOL = {"autoencoder": 1e-5, "unet": 1e-4, "dit": 1e-4, "mmdit": 1e-4}     # the converters' equivalence-test tolerances
 BF16_REL_TOL = 1.5                                              # ours' bf16 error <= 1.5 x the peer's
-BATCH = {"autoencoder": 4, "unet": 16, "dit": 16}               # the issue's batches
-OURS = {"autoencoder": "autoencoder.model.Autoencoder", "unet": "ldm.unet.UNet", "dit": "ldm.dit.DiT"}
+BATCH = {"autoencoder": 4, "unet": 16, "dit": 16, "mmdit": 16}               # the issue's batches
+OURS = {"autoencoder": "autoencoder.model.Autoencoder", "unet": "ldm.unet.UNet", "dit": "ldm.dit.DiT",
+        "mmdit": "ldm.mmdit.MMDiT"}
 
 # quick mode: the same code on tiny versions of each architecture (seconds, for tests)
 QUICK = {"autoencoder": dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16),
          "unet": dict(model_channels=32, channel_mult=(1, 2), attention_levels=(0, 1), num_heads=4, context_dim=32,
                       sample_size=8, num_res_blocks=1),
-         "dit": dict(input_size=8, hidden_size=64, depth=2, num_heads=4, context_dim=32)}
+         "dit": dict(input_size=8, hidden_size=64, depth=2, num_heads=4, context_dim=32),
+         "mmdit": dict(input_size=8, hidden_size=64, depth=2, num_heads=4, context_dim=32, pooled_dim=32)}
 QUICK_BATCH = 2
 
 
@@ -129,7 +131,7 @@ def compare(model: str, dtype: str, *, repeats: int, peak: dict, threads: int, q
     capture without code generation (bench/gpu.py's CPU dry run)."""
     pair = build_pair(model, quick, batch, overrides=overrides)
     if device != "cpu" or channels_last:
-        fmt = torch.channels_last if channels_last and model != "dit" else torch.preserve_format
+        fmt = torch.channels_last if channels_last and model not in ("dit", "mmdit") else torch.preserve_format
         for m in (pair.ours, pair.theirs):
             m.to(device=device, memory_format=fmt)
         pair.inputs = {k: v.to(device) for k, v in pair.inputs.items()}
@@ -171,7 +173,7 @@ def compare(model: str, dtype: str, *, repeats: int, peak: dict, threads: int, q
 
 
 def run(quick: bool = False, threads: Optional[int] = None, repeats: Optional[int] = None,
-        models: tuple[str, ...] = ("autoencoder", "unet", "dit"), dtypes: tuple[str, ...] = ("fp32", "bf16"),
+        models: tuple[str, ...] = ("autoencoder", "unet", "dit", "mmdit"), dtypes: tuple[str, ...] = ("fp32", "bf16"),
         cuda: bool = False, save_results: bool = True) -> dict:
     """All comparisons; returns {"name": "train", "host", "peak", "comparisons": [...]}."""
     if cuda:
@@ -189,7 +191,7 @@ def run(quick: bool = False, threads: Optional[int] = None, repeats: Optional[in
     return result
 
 
-def run_cuda(quick: bool = False, repeats: Optional[int] = None, models=("autoencoder", "unet", "dit"),
+def run_cuda(quick: bool = False, repeats: Optional[int] = None, models=("autoencoder", "unet", "dit", "mmdit"),
              save_results: bool = True) -> dict:
     """The CUDA mode: bf16, SDPA flash attention, torch.compile, channels_last; skipped without a GPU."""
     if not torch.cuda.is_available():
@@ -202,7 +204,7 @@ def run_cuda(quick: bool = False, repeats: Optional[int] = None, models=("autoen
     for m in models:
         batch = None if quick else 4 * BATCH[m]
         comps.append(compare(m, "bf16", repeats=repeats, peak=peak, threads=torch.get_num_threads(), quick=quick,
-                             device="cuda", compile=not quick, channels_last=m != "dit", batch=batch))
+                             device="cuda", compile=not quick, channels_last=m not in ("dit", "mmdit"), batch=batch))
     result = {"name": "train_cuda", "quick": quick, "host": host(), "peak": peak, "comparisons": comps}
     if save_results:
         save("train_cuda" + ("_quick" if quick else ""), result, table(comps))
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the list of comparison objects")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per side (default 7)")
-    p.add_argument("--models", default="autoencoder,unet,dit")
+    p.add_argument("--models", default="autoencoder,unet,dit,mmdit")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--cuda", action="store_true", help="CUDA mode (needs a GPU)")
     args = p.parse_args(argv)
