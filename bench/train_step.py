@@ -1,7 +1,7 @@
 """Training-step throughput of our models against diffusers' classes of the same architecture.
 
 For each pair in `bench/models.py` (autoencoder vs AutoencoderKL, UNet vs UNet2DConditionModel, DiT vs
-PixArtTransformer2DModel) and each precision (fp32, then bf16 under torch autocast with fp32 weights, as
+PixArtTransformer2DModel, MMDiT vs SD3Transformer2DModel) and each precision (fp32, then bf16 under torch autocast with fp32 weights, as
 the runtime trains):
 1. check that both compute the same function before timing anything (peer loaded with our weights; fp32
    outputs within the converters' test tolerances; in bf16 our error against the fp32 output may be at
