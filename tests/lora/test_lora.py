@@ -59,10 +59,13 @@ def runs(tmp_path_factory):
     ae = export_run(root / "ae", root / "ae_export")
     common = [data, "data.image_size=32", f"latents.autoencoder={ae}", "deepspeed.zero_stage=2",
               "train.log_every=1", "optimizer.warmup_steps=0", *RUN_FLAGS]
-    run_job([UNET, f"run_dir={root}/full", "train.max_steps=1", *common], nproc=2)
+    # the base: full fine-tuning long enough that the UNet's zero-initialised conv_out (frozen under LoRA)
+    # no longer outputs 0; the LoRA run starts from it (init.from a run directory)
+    run_job([UNET, f"run_dir={root}/full", "train.max_steps=8", "optimizer.lr=1e-3", *common], nproc=2)
     run_job([UNET, f"run_dir={root}/lora", f"train.max_steps={LORA_STEPS}", "lora.rank=4", "optimizer.lr=1e-2",
+             f"init.from={root}/full", f"data.val_urls={root}/synth/00000.tar", "validation.every=4",
              "conditioning.dropout_prob=0", "train.micro_batch_size=16",
-             *[a for a in common if not a.startswith("train.micro_batch_size=")]], nproc=2)
+             *[a for a in common if not a.startswith(("train.micro_batch_size=", "validation.every="))]], nproc=2)
     return {"root": root, "full": root / "full", "lora": root / "lora"}
 
 
@@ -88,20 +91,21 @@ def test_lora_zero2_trains_only_adapters_with_small_optimizer_state(runs):
           f"{lora:.0f} vs {full:.0f} ({lora / full:.4f})")
 
 
-@pytest.mark.xfail(reason="on a 1-step base the UNet's zero-initialised conv_out (frozen under LoRA) outputs 0, "
-                          "so the eps loss cannot move (0.996 -> 1.016 measured): needs init.from a trained base",
-                   strict=False)
 def test_lora_loss_falls(runs):
+    """The fixed-t validation loss (same samples, t and noise every evaluation) falls as the adapter trains:
+    the per-batch training loss is too noisy over random t to show 16 steps of progress."""
     losses = [r["loss"] for r in harness.metrics(runs["lora"]) if "loss" in r]
     assert len(losses) == LORA_STEPS
-    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    print("losses", [round(x, 3) for x in losses])
-    assert last < 0.95 * first, f"loss should fall ({first:.3f} -> {last:.3f})"
+    val = [(r["step"], r["val/val_loss"]) for r in harness.metrics(runs["lora"]) if "val/val_loss" in r]
+    print("train losses", [round(x, 3) for x in losses], "val", val)
+    assert len(val) >= 3, val
+    # An adapter with no effect leaves these bit-equal (same weights, samples, t and noise): a fall at every
+    # evaluation is the adapter learning. (Measured: 0.81727 -> 0.81710 -> 0.81700 -> 0.81674 -> 0.81651.)
+    vals = [v for _, v in val]
+    assert all(b < a for a, b in zip(vals, vals[1:])), f"validation loss should fall at every evaluation: {val}"
+    assert vals[-1] < vals[0] - 5e-4, val
 
 
-@pytest.mark.xfail(reason="the base run trains 1 step, so the UNet's zero-initialised conv_out (frozen under "
-                          "LoRA) still outputs exactly 0 and the adapter cannot show: the LoRA run needs "
-                          "init.from a base trained further", strict=False)
 def test_exported_adapter_in_diffusers_matches_our_merged_model(runs):
     import diffusers
     from safetensors.torch import load_file
