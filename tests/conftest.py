@@ -22,6 +22,25 @@ def repo() -> Path:
     return REPO
 
 
+# Folders of small-op tests: on a shared 2-core machine two spinning intra-op threads ran them many times
+# slower than one (measured 25x on a tiny UNet, 4-8x for the training loops), so each runs single-threaded.
+ONE_THREAD_FOLDERS = frozenset({"autoencoder", "export", "init", "ldm", "plan"})
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread(request):
+    parts = Path(str(request.node.fspath)).resolve().relative_to(REPO / "tests").parts
+    if len(parts) < 2 or parts[0] not in ONE_THREAD_FOLDERS:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------- a tiny real world
 # Shared by tests/integration and tests/slurm (session-scoped: built once per test run).
 

@@ -11,18 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from export_helpers import RUN_FLAGS, run_job
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is much faster than two spinning."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="session")

@@ -14,15 +14,6 @@ TINY_TEXT_CFG = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tests run small ops on a shared 2-core machine: two spinning threads are many times slower
-    than one there (measured 25x on a tiny UNet), so run each test single-threaded and restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="session")
 def tiny_text_config(tmp_path_factory):
