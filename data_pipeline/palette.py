@@ -9,6 +9,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 220, 30),
     "purple": (130, 40, 170), "orange": (245, 135, 20), "white": (255, 255, 255), "black": (0, 0, 0),
 }
+# Colors the demo never trains on: `ldm demo --finetune` teaches one to the finished model with LoRA. Kept out of
+# COLORS so the base data (drawn from COLORS) and its judge are unchanged; the finetune's judge reads both.
+NEW_COLORS: dict[str, tuple[int, int, int]] = {"pink": (255, 110, 190)}
+ALL_COLORS: dict[str, tuple[int, int, int]] = {**COLORS, **NEW_COLORS}
 SHAPES = ("circle", "square", "triangle")
 
 

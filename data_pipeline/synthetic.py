@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Sequence
 
 from PIL import Image, ImageDraw
 
-from .palette import COLORS, SHAPES, draw_shape
+from .palette import ALL_COLORS, COLORS, SHAPES, draw_shape
 from .state import derive_seed
 from .write import ShardWriter
 
@@ -35,13 +35,14 @@ def all_triples() -> list[Triple]:
 
 
 def parse_triple(text: str | Sequence[str]) -> Triple:
-    """'red:circle:blue' (or a 3-sequence) -> ('red', 'circle', 'blue'), checked."""
+    """'red:circle:blue' (or a 3-sequence) -> ('red', 'circle', 'blue'), checked. A NEW_COLORS color is
+    accepted too (the `only` set of the finetune data); random draws never pick one."""
     parts = tuple(text.replace(",", ":").replace("/", ":").split(":")) if isinstance(text, str) else tuple(text)
     if len(parts) != 3:
         raise ValueError(f"{text!r}: a triple is color:shape:background, e.g. red:circle:blue")
     color, shape, background = (p.strip().lower() for p in parts)
-    if color not in COLORS or background not in COLORS:
-        raise ValueError(f"{text!r}: colors are {', '.join(COLORS)}")
+    if color not in ALL_COLORS or background not in ALL_COLORS:
+        raise ValueError(f"{text!r}: colors are {', '.join(ALL_COLORS)}")
     if shape not in SHAPES:
         raise ValueError(f"{text!r}: shapes are {', '.join(SHAPES)}")
     if color == background:
@@ -53,8 +54,8 @@ def draw(color: str, shape: str, background: str, size: int, rng: random.Random)
     side = min(size, max(1, round(rng.uniform(*SIZE_RANGE) * size)))
     x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
     x1, y1 = x0 + side - 1, y0 + side - 1  # inclusive corners, inside [0, size - 1]
-    img = Image.new("RGB", (size, size), COLORS[background])
-    draw_shape(ImageDraw.Draw(img), shape, (x0, y0, x1, y1), COLORS[color])
+    img = Image.new("RGB", (size, size), ALL_COLORS[background])
+    draw_shape(ImageDraw.Draw(img), shape, (x0, y0, x1, y1), ALL_COLORS[color])
     attrs = {"color": color, "shape": shape, "background": background,
              "bbox": [x0, y0, x1 + 1, y1 + 1], "size_fraction": side / size}
     return img, attrs

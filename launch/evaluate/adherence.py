@@ -1,7 +1,8 @@
 """`ldm eval adherence`: does an image show what its synthetic caption says? Judged from the pixels.
 
 Captions are those of the embedded data (ARCHITECTURE.md §6): `a {color} {shape} on a {background} background`.
-The judge knows the eight palette colors and reads an RGB image as follows:
+The judge knows the eight palette colors (and, when asked, the NEW_COLORS the finetune demo teaches) and
+reads an RGB image as follows:
 
 1. Every pixel gets the nearest palette color (Euclidean RGB).
 2. Background: the most frequent label on the image border (a 1-pixel ring; the shapes never touch it
@@ -33,11 +34,11 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from data_pipeline.palette import ALL_COLORS
 from data_pipeline.synthetic import COLORS, SHAPES, parse_triple
 
 ATTRIBUTES = ("color", "shape", "background")
 NAMES = list(COLORS)
-PALETTE = np.array([COLORS[n] for n in NAMES], dtype=np.float32)
 CAPTION_RE = re.compile(r"^\s*an?\s+(\w+)\s+(\w+)\s+on\s+an?\s+(\w+)\s+background\s*\.?\s*$", re.IGNORECASE)
 MAX_SIDE = 128
 CONFIDENT = 60.0          # RGB distance to the nearest palette color below which a pixel counts as "clean"
@@ -46,13 +47,23 @@ SHAPE_POINTS = {"square": (1.0, 0.5), "circle": (np.pi / 4, 0.5), "triangle": (0
 TOP_WEIGHT = 2.0          # the top-share axis is half as wide as the fill axis: weigh it up
 
 
-def parse_caption(text: str) -> Optional[tuple[str, str, str]]:
+def palette_of(colors: Optional[Sequence[str]] = None) -> tuple[list[str], np.ndarray]:
+    """(names, RGB array) of the colors the judge chooses among: the eight of the data by default."""
+    names = list(colors) if colors else NAMES
+    unknown = [c for c in names if c not in ALL_COLORS]
+    if unknown:
+        raise ValueError(f"unknown colors {unknown}: the judge knows {', '.join(ALL_COLORS)}")
+    return names, np.array([ALL_COLORS[n] for n in names], dtype=np.float32)
+
+
+def parse_caption(text: str, colors: Optional[Sequence[str]] = None) -> Optional[tuple[str, str, str]]:
     """'a red circle on a blue background' -> ('red', 'circle', 'blue'); None if it is not such a caption."""
     m = CAPTION_RE.match(text or "")
     if not m:
         return None
     color, shape, background = (g.lower() for g in m.groups())
-    if color not in COLORS or background not in COLORS or shape not in SHAPES:
+    known = set(colors) if colors else COLORS
+    if color not in known or background not in known or shape not in SHAPES:
         return None
     return color, shape, background
 
@@ -118,8 +129,10 @@ def classify_shape(fill: float, top: float) -> str:
                + (TOP_WEIGHT * (top - SHAPE_POINTS[s][1])) ** 2)
 
 
-def judge(image: np.ndarray | Image.Image | str | Path) -> dict:
-    """{'color', 'shape', 'background', 'fill', 'top'} read from an RGB image (uint8 [H, W, 3])."""
+def judge(image: np.ndarray | Image.Image | str | Path, colors: Optional[Sequence[str]] = None) -> dict:
+    """{'color', 'shape', 'background', 'fill', 'top'} read from an RGB image (uint8 [H, W, 3]); `colors`:
+    the palette names to choose among (default the eight of the data)."""
+    names, palette = palette_of(colors)
     if isinstance(image, (str, Path)):
         with Image.open(image) as im:
             image = np.asarray(im.convert("RGB"))
@@ -127,26 +140,26 @@ def judge(image: np.ndarray | Image.Image | str | Path) -> dict:
         image = np.asarray(image.convert("RGB"))
     img = _downscale(np.asarray(image, dtype=np.uint8)).astype(np.float32)
     h, w_ = img.shape[:2]
-    dist = np.linalg.norm(img[:, :, None, :] - PALETTE[None, None], axis=-1)      # [H, W, 8]
+    dist = np.linalg.norm(img[:, :, None, :] - palette[None, None], axis=-1)      # [H, W, colors]
     labels = dist.argmin(-1)
     nearest = dist.min(-1)
     border = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
     bg = Counter(border.tolist()).most_common(1)[0][0]
     fg_mask = labels != bg
-    out = {"background": NAMES[bg], "color": None, "shape": None, "fill": None, "top": None}
+    out = {"background": names[bg], "color": None, "shape": None, "fill": None, "top": None}
     if not fg_mask.any():
         return out
     region = _largest_component(fg_mask)
     clean = region & (nearest < CONFIDENT)
     votes = Counter(labels[clean if clean.any() else region].tolist())
     fg = votes.most_common(1)[0][0]
-    out["color"] = NAMES[fg]
+    out["color"] = names[fg]
     # soft coverage in a window 2 px around the region
     ys, xs = np.nonzero(region)
     y0, y1 = max(0, ys.min() - 2), min(h, ys.max() + 3)
     x0, x1 = max(0, xs.min() - 2), min(w_, xs.max() + 3)
-    axis = PALETTE[fg] - PALETTE[bg]
-    cover = ((img[y0:y1, x0:x1] - PALETTE[bg]) @ axis) / float(axis @ axis)
+    axis = palette[fg] - palette[bg]
+    cover = ((img[y0:y1, x0:x1] - palette[bg]) @ axis) / float(axis @ axis)
     feats = shape_features(np.clip(cover, 0.0, 1.0))
     if feats is None:
         return out
@@ -189,8 +202,9 @@ def score(rows: Sequence[dict], holdout: Iterable = ()) -> dict:
 
 
 def evaluate_dir(samples_dir: str | Path, holdout: Iterable = (), prompts: Optional[dict] = None,
-                 details: bool = False) -> dict:
-    """Judge every image named in SAMPLES_DIR/prompts.json (written by `ldm sample`) against its caption."""
+                 details: bool = False, colors: Optional[Sequence[str]] = None) -> dict:
+    """Judge every image named in SAMPLES_DIR/prompts.json (written by `ldm sample`) against its caption;
+    `colors`: the judge's palette (default the eight of the data; the finetune demo adds NEW_COLORS)."""
     samples_dir = Path(samples_dir)
     if prompts is None:
         pfile = samples_dir / "prompts.json"
@@ -200,14 +214,14 @@ def evaluate_dir(samples_dir: str | Path, holdout: Iterable = (), prompts: Optio
         prompts = json.loads(pfile.read_text())
     rows, unparsed = [], []
     for name in sorted(prompts):
-        expected = parse_caption(prompts[name])
+        expected = parse_caption(prompts[name], colors)
         if expected is None:
             unparsed.append(name)
             continue
         path = samples_dir / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} (named in prompts.json) not found")
-        rows.append({"file": name, "prompt": prompts[name], "expected": expected, "judged": judge(path)})
+        rows.append({"file": name, "prompt": prompts[name], "expected": expected, "judged": judge(path, colors)})
     if not rows:
         raise ValueError(f"no synthetic-caption prompts in {samples_dir / 'prompts.json'} "
                          f"('a {{color}} {{shape}} on a {{background}} background')")

@@ -91,3 +91,28 @@ def test_caption_parsing_and_degenerate_images():
     big = next(iter_synthetic(1, size=256, seed=3))
     j = judge(big[0])      # downscaled to 128 px first
     assert (j["color"], j["shape"], j["background"]) == (big[2]["color"], big[2]["shape"], big[2]["background"])
+
+
+def test_judge_with_the_finetune_color_reads_it_and_the_old_ones(tmp_path):
+    """`ldm demo --finetune` judges with NEW_COLORS added: pink objects on ground-truth renders are read as
+    pink, the eight old colors still as themselves (blurred and noisy as generated images are), and a judge
+    without pink cannot parse those captions."""
+    from PIL import Image
+
+    from data_pipeline.palette import ALL_COLORS, NEW_COLORS
+
+    rng = np.random.default_rng(1)
+    pink = [(c, s, b) for c in NEW_COLORS for s in SHAPES for b in COLORS]
+    items = []
+    for img, cap, _ in [*iter_synthetic(240, size=32, seed=13, only=pink), *iter_synthetic(240, size=32, seed=14)]:
+        arr = np.asarray(img.filter(ImageFilter.GaussianBlur(0.8))).astype(np.float32)
+        items.append((Image.fromarray(np.clip(arr + rng.normal(0, 8, arr.shape), 0, 255).astype(np.uint8)), cap))
+    folder = _write(tmp_path / "pink", items)
+    report = evaluate_dir(folder, colors=list(ALL_COLORS), details=True)
+    assert report["n"] == 480 and not report["unparsed"]
+    new = [r for r in report["images"] if r["prompt"].split()[1] in NEW_COLORS]
+    assert len(new) == 240 and sum(r["correct"]["color"] for r in new) / 240 >= 0.99
+    for a in ("color", "shape", "background"):
+        assert report["accuracy"][a] >= 0.99, (a, report["accuracy"])
+    assert parse_caption("a pink circle on a blue background") is None
+    assert evaluate_dir(folder)["n"] == 240          # the default judge skips the pink captions
