@@ -59,6 +59,11 @@ class Description:
     max_steps: int
     notes: list[str] = field(default_factory=list)
     comm_dtype: Optional[str] = None     # deepspeed.communication_data_type
+    # EDM2 post-hoc EMA snapshots (launch/plan/storage.py): ema.posthoc.sigma_rels (empty: off, as when EMA
+    # is off), ema.posthoc.snapshot_every and train.checkpoint_every (its stand-in when 0)
+    posthoc_sigma_rels: tuple = ()
+    posthoc_every: int = 0
+    checkpoint_every: int = 0
 
 
 def describe(cfg, policy: str = "cuda") -> Description:
@@ -127,7 +132,9 @@ def describe(cfg, policy: str = "cuda") -> Description:
                        checkpointing=ckpt, forward=fwd, frozen=frozen, zero_stage=cfg.deepspeed.zero_stage,
                        ema=cfg.ema.enabled, ds_zero=zero, micro_batch=cfg.train.micro_batch_size,
                        grad_accum=cfg.train.grad_accum_steps, max_steps=cfg.train.max_steps, notes=notes,
-                       comm_dtype=cfg.deepspeed.communication_data_type)
+                       comm_dtype=cfg.deepspeed.communication_data_type,
+                       posthoc_sigma_rels=tuple(cfg.ema.posthoc.sigma_rels) if cfg.ema.enabled else (),
+                       posthoc_every=cfg.ema.posthoc.snapshot_every, checkpoint_every=cfg.train.checkpoint_every)
 
 
 def _text_towers(cfg, notes: list[str]) -> tuple[list[dict], int]:

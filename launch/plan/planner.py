@@ -32,6 +32,9 @@ Time per optimizer step on one GPU:
              default config has it off: serial); ZeRO-3 prefetches its all-gathers behind
              compute; the ZeRO-1/2 parameter all-gather after the step is serial.
     step     = compute + exposed comm;  img/s = global batch / step;  days = max_steps * step / 86400
+
+Disk (launch/plan/storage.py): the post-hoc EMA snapshots of a run, bytes per snapshot (profiles x fp32
+trainable parameters) x snapshots per run (max_steps / ema.posthoc.snapshot_every, 0: train.checkpoint_every).
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ from typing import Optional
 
 from .description import Description
 from .hardware import DEFAULT_MFU, DS_DEFAULT_REUSE_DISTANCE, GIB, Assumptions, Hardware
+from .storage import format_line as posthoc_line
+from .storage import posthoc_storage
 from .zero import comm_bytes, zero_model_states
 
 
@@ -214,6 +219,8 @@ def plan(desc: Description, gpus: int, hw: Hardware = Hardware(), a: Assumptions
                   "config": {"micro_batch": desc.micro_batch, "grad_accum": desc.grad_accum}},
         "throughput": result,
         "max_steps": desc.max_steps,
+        "posthoc_ema": posthoc_storage(desc.params, desc.posthoc_sigma_rels, desc.posthoc_every,
+                                       desc.checkpoint_every or desc.max_steps, desc.max_steps, z, gpus),
         "notes": notes,
     }
 
@@ -267,6 +274,8 @@ def format_table(report: dict, title: str = "") -> str:
                      f"({th['gpu_hours']:,.0f} GPU-hours)")
     else:
         lines.append(f"ZeRO-{m['zero_stage']}: does NOT fit one sample per GPU")
+    if "posthoc_ema" in report:
+        lines.append(posthoc_line(report["posthoc_ema"]))
     for n in report["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)
