@@ -1,7 +1,7 @@
 """The resolved configuration of a run: one typed tree, loaded from YAML plus `key=value` overrides.
 
 Sections that configure models or data are defined beside that code; this file owns the
-runtime sections (train, optimizer, deepspeed, ema, logging, validation) and the root.
+runtime sections (train, runtime, optimizer, deepspeed, ema, logging, validation) and the root.
 """
 from __future__ import annotations
 
@@ -34,6 +34,18 @@ class TrainConfig:
     compile: bool = False
     max_consecutive_nonfinite: int = field(default=20, metadata={"ge": 1})
     nonfinite_check: bool = True   # all-reduce a finiteness flag of the loss every micro-step
+
+
+@dataclass
+class RuntimeConfig:
+    # Fault handling (docs/ARCHITECTURE.md §4, README "Exit statuses"). A collective that has waited this long for
+    # a peer fails (the process-group timeout, gloo and NCCL), and a rank whose training step has not advanced for
+    # this long exits (launch/runtime/watchdog.py): either way with EXIT_PEER_LOST = 6. It must exceed the longest
+    # time one rank can legitimately run ahead of another: a save's or validation's imbalance, a data stall.
+    collective_timeout_s: float = field(default=600.0, metadata={"ge": 10, "le": 86400})
+    # torchrun restarts of the whole job from the last complete checkpoint after a rank died (launch/local.sh,
+    # launch/slurm.sh read it; the environment variable LDM_MAX_RESTARTS overrides it). 0: no restart.
+    max_restarts: int = field(default=3, metadata={"ge": 0, "le": 1000})
 
 
 @dataclass
@@ -137,6 +149,7 @@ class Config:
     stage: Literal["autoencoder", "diffusion"]
     run_dir: str
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -174,5 +187,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
     return build_dataclass(Config, tree)
 
 
-__all__ = ["Config", "ConfigError", "load_config", "TrainConfig", "OptimizerConfig", "DeepSpeedConfig",
+__all__ = ["Config", "ConfigError", "load_config", "TrainConfig", "RuntimeConfig", "OptimizerConfig", "DeepSpeedConfig",
            "EMAConfig", "PosthocEMAConfig", "InitConfig", "LoggingConfig", "ValidationConfig"]

@@ -57,9 +57,16 @@ def read_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
-    """Initialise torch.distributed (and DeepSpeed's view of it). gloo on CPU, nccl on CUDA."""
+def init_distributed(timeout_s: float = 600.0) -> DistEnv:
+    """Initialise torch.distributed (and DeepSpeed's view of it). gloo on CPU, nccl on CUDA.
+
+    `timeout_s` (runtime.collective_timeout_s) bounds every collective: gloo raises after it when a peer hangs
+    (at once when the peer's connection closes); NCCL aborts the communicator on it (async error handling)."""
     import deepspeed
+
+    # NCCL: a timed-out or failed collective aborts (and raises) instead of hanging; set before the group exists.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "0")
 
     rank, world, local_rank = read_env()
     if "TORCHELASTIC_RUN_ID" in os.environ:
@@ -76,12 +83,33 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
     if world > 1:   # one line per rank: which process landed where (the first thing to read when a job hangs)
         node = os.environ.get("SLURMD_NODENAME")
         print(f"[ldm] rank {rank} of world {world} (local rank {local_rank}) on host {socket.gethostname()}"
               + (f" node {node}" if node else "") + f" pid {os.getpid()} {backend}", file=sys.stderr, flush=True)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def is_collective_error(e: BaseException) -> bool:
+    """A torch.distributed error, or a backend's RuntimeError about a peer or a timeout (a lost or hung rank)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    if not isinstance(e, RuntimeError):
+        return False
+    text = str(e)
+    return any(k in text for k in ("gloo", "Gloo", "NCCL", "nccl", "Connection closed", "Connection reset",
+                                   "Broken pipe", "Timed out", "timed out", "ProcessGroup", "by peer"))
+
+
+def all_gather_object(obj) -> list:
+    """One picklable object from every rank, in rank order ([obj] alone)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def destroy() -> None:

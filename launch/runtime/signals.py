@@ -12,6 +12,9 @@ EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_LOCKED = 4       # another live run holds RUN_DIR/run.lock (launch/runtime/runlock.py); nothing written
+EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (full disk, I/O error): the previous complete one is kept
+EXIT_PEER_LOST = 6    # a collective failed or timed out, or no step for runtime.collective_timeout_s: a rank died
+                      # or hung; nothing saved from that state (torchrun restarts from the last checkpoint)
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: a checkpoint was saved; start again and it resumes
 
 _WATCHED = (signal.SIGTERM, signal.SIGUSR1)

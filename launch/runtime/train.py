@@ -9,11 +9,17 @@ A window with a non-finite loss on any rank is dropped on every rank: its gradie
 no optimizer steps, the EMA is untouched, the step counter advances and `nonfinite_skipped` counts
 it. `max_consecutive_nonfinite` such steps in a row abort with EXIT_NONFINITE, leaving the last
 good checkpoint as it was.
+
+Faults (issue 21): a checkpoint that cannot be written (full disk) ends the run with EXIT_SAVE_FAILED, the
+previous complete checkpoint intact; a collective that fails or times out (a peer died or hung,
+`runtime.collective_timeout_s`), or a step counter that stops advancing (launch/runtime/watchdog.py), ends
+the rank at once with EXIT_PEER_LOST and saves nothing from that state.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,27 +31,29 @@ import torch
 from . import dist as D
 from launch.report.html import write_report_safely
 
-from .checkpoint import CheckpointManager, capture_rng, tag_for
+from .checkpoint import CheckpointManager, CheckpointSaveFailed, capture_rng, tag_for
 from .config import Config
 from .configio import ConfigError, config_hash, dump_yaml, to_plain
 from .ema import EMA
 from .engine import (build_engine, check_runtime_config, discard_gradients, grads_finite, lr_factor,
                      optimizer_state_bytes, set_lr)
 from .images import save_grid
+from .latentstats import write_latent_statistics
 from .init import initialise, start_ema
 from .metrics import MetricsWriter, WandbLogger
 from .posthoc import PosthocEMA
 from .progress import TrainProgress
 from .resume import LogWindow, resume, seed_everything
 from .runlock import RunDirLocked, RunLock
-from .signals import EXIT_LOCKED, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag
+from .signals import EXIT_LOCKED, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_SAVE_FAILED, StopFlag
 from .universal import needs_universal
 from .validation import Validator
+from .watchdog import StallWatchdog, collective_failed, exit_peer_lost, leave_peer_lost
 
 
 @dataclass
 class TrainResult:
-    status: str          # "completed" | "preempted" | "nonfinite"
+    status: str          # "completed" | "preempted" | "nonfinite" | "save_failed" | "locked"
     step: int
     exit_code: int
 
@@ -185,6 +193,11 @@ class Trainer:
             self.posthoc.drop_after(0)                        # snapshots of an earlier start that left no checkpoint
         if self.validator is not None and tag is None:
             self._validate(0)                                 # the step-0 baseline of the validation curves
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0):
+            self.log(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']} of at most "
+                     f"{os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')} (runtime.max_restarts): at step {step}")
+        self.watchdog = (StallWatchdog(cfg.runtime.collective_timeout_s, env.rank, self._leave_peer_lost).start()
+                         if env.world_size > 1 else None)
         stop = StopFlag().install()
         progress = TrainProgress(enabled=env.is_main and cfg.logging.progress, start_step=step,
                                  max_steps=cfg.train.max_steps, images_per_step=self.global_batch,
@@ -194,55 +207,53 @@ class Trainer:
         # remaining workers as soon as one exits, which must not kill rank 0 mid-write.
         try:
             try:
-                status, step = self._loop(step, stop, progress)
+                try:
+                    status, step = self._loop(step, stop, progress)
+                finally:
+                    progress.close()
+                if status == "completed" and hasattr(self.stage, "latent_statistics"):
+                    with self._paused():
+                        self._latent_statistics(step)
+                with self._paused():
+                    self._finish(status, step)
+                return TrainResult(status, step, EXIT_OK if status == "completed" else EXIT_PREEMPTED)
             except NonFiniteAbort as e:
-                progress.close()
                 self.log(str(e))
                 self._finish("nonfinite", self.step_reached)
                 return TrainResult("nonfinite", self.step_reached, EXIT_NONFINITE)
-            finally:
-                progress.close()
-            if status == "completed" and hasattr(self.stage, "latent_statistics"):
-                self._latent_statistics(step)
-            self._finish(status, step)
-            return TrainResult(status, step, EXIT_OK if status == "completed" else EXIT_PREEMPTED)
+            except CheckpointSaveFailed as e:
+                # every rank raised it after agreeing on the failure: the group is healthy, the run stops here
+                self.log(f"error: {e}")
+                self._finish("save_failed", self.step_reached, message=str(e))
+                return TrainResult("save_failed", self.step_reached, EXIT_SAVE_FAILED)
+            except Exception as e:
+                if env.world_size > 1 and D.is_collective_error(e):
+                    exit_peer_lost(collective_failed(env.rank, self.step_reached, e, cfg.runtime.collective_timeout_s),
+                                   self._leave_peer_lost)
+                raise
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             stop.restore()
 
+    def _paused(self):
+        return self.watchdog.paused() if self.watchdog is not None else contextlib.nullcontext()
+
+    def _leave_peer_lost(self) -> None:
+        if self.env.is_main:   # no barrier: a peer is gone
+            leave_peer_lost(self.run_dir, getattr(self, "step_reached", 0), getattr(self, "run_lock", None))
+
     def _latent_statistics(self, step: int) -> None:
-        """Stage one: scaling_factor = 1/std and shift_factor = mean of the latents, measured on
-        training batches with the weights an export would use (EMA when on), stored beside the
-        final checkpoint (and copied into exports)."""
-        state = self.full_main_state(use_ema=True)   # collective under ZeRO-3
-        if self.env.is_main and self.eval_module_factory is not None:
-            module = self.eval_module_factory()
-            module.load_state_dict(state, strict=False)
-            module.to(self.env.device).eval()
-            batches = (to_device(b, self.env.device) for b in self._stats_batches())
-            with torch.random.fork_rng(devices=[]):
-                stats = self.stage.latent_statistics(module, batches)
-            text = json.dumps(stats, indent=1)
-            (self.run_dir / "latent_stats.json").write_text(text)
-            tag_dir = self.ckpt.root / tag_for(step)
-            if tag_dir.is_dir():
-                (tag_dir / "latent_stats.json").write_text(text)
-            self.log(f"latent statistics: scaling_factor {stats['scaling_factor']:.5f}, "
-                     f"shift_factor {stats['shift_factor']:.5f}")
-        D.barrier()
+        write_latent_statistics(self, step)
 
-    def _stats_batches(self) -> Iterable:
-        """A fresh one-pass read of the training shards (not the training iterator, whose position is
-        checkpointed), else held-out batches."""
-        if self.stats_data is not None:
-            yield from self.stats_data()
-        elif self.val_data is not None:
-            yield from self.val_data()
-
-    def _finish(self, status: str, step: int) -> None:
+    def _finish(self, status: str, step: int, message: str | None = None) -> None:
         D.barrier()
         if self.env.is_main:
-            (self.run_dir / "result.json").write_text(json.dumps({"status": status, "step": step,
-                                                                 "time": time.time()}))
+            record = {"status": status, "step": step, "time": time.time(), **({"message": message} if message else {})}
+            try:
+                (self.run_dir / "result.json").write_text(json.dumps(record))
+            except OSError as e:          # a full disk must not turn a clear status into a traceback
+                self.log(f"warning: could not write {self.run_dir / 'result.json'}: {e}")
             if self.metrics:
                 self.metrics.close()
             if self.wandb:
@@ -326,19 +337,25 @@ class Trainer:
                 self.counters["consecutive_nonfinite"] = 0
             step += 1
             self.step_reached = step
+            if self.watchdog is not None:
+                self.watchdog.beat(step)
             progress.update(step, loss=self.window.means().get("loss", float("nan")))
 
             if step % cfg.train.log_every == 0:
                 self._log_step(step, lrs, time.time() - t_window)
                 t_window = time.time()
             if self.validator is not None and self.validator.due(step):
-                self._validate(step)
+                with self._paused():
+                    self._validate(step)
             if self.posthoc is not None and self.posthoc.due(step, cfg.train.max_steps):
-                self.posthoc.snapshot(step)
+                with self._paused():
+                    self.posthoc.snapshot(step)
             if cfg.validation.sample_every and step % cfg.validation.sample_every == 0:
-                self._preview(step)
+                with self._paused():
+                    self._preview(step)
             if stop_seen or step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-                self._save(step)
+                with self._paused():
+                    self._save(step)
             if stop_seen:
                 self.log(f"stopping at step {step} on request (checkpoint saved)")
                 status = "preempted"
@@ -348,6 +365,8 @@ class Trainer:
     # ------------------------------------------------------------------ periodic work
 
     def _save(self, step: int) -> None:
+        """Collective. A failed write raises CheckpointSaveFailed on every rank (run() stops with
+        EXIT_SAVE_FAILED): never train on without checkpoints."""
         if step == self.last_saved_step:
             return
         self.ckpt.save(step, self.engines, self.ema, self._rank_state(step), self._meta(), also=self.posthoc)
@@ -455,7 +474,7 @@ def run_training(cfg: Config, build_stage: Callable[[Config], Any],
     """Initialise the process group, build stage and data, train, tear everything down."""
     check_runtime_config(cfg)
     flush_denormals()
-    env = D.init_distributed()
+    env = D.init_distributed(timeout_s=cfg.runtime.collective_timeout_s)
     trainer = None
     try:
         seed_everything(cfg.train.seed)          # same initial weights on every rank
