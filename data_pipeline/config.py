@@ -81,6 +81,25 @@ class DataConfig:
     max_bad_fraction: float = field(default=0.2, metadata={"ge": 0, "le": 1})  # of raw samples; 1 disables
     bad_fraction_min_samples: int = field(default=1000, metadata={"ge": 1})     # judge only after this many
     fault_log_per_minute: int = field(default=10, metadata={"ge": 0})          # per process; 0: silent
+    # max_bad_fraction also applies to shards: more than that share of the shards read unusable (unreadable,
+    # timed out, truncated, empty) stops the run, judged after this many shards per worker and rank.
+    bad_fraction_min_shards: int = field(default=10, metadata={"ge": 1})
+
+    # --- flaky storage ---
+    # A shard read that fails (open error, a `pipe:` command exiting non-zero, a `pipe:` stream that stalls
+    # or breaks off) is tried again up to shard_retries times, waiting shard_retry_backoff_s * 2**k before
+    # retry k; a retry skips the samples already handed out, so a read that succeeds on a retry gives the
+    # same stream as a clean one (exact resume holds). Then the shard is skipped and counted as
+    # `unreadable_url` / `shard_timeout`. A missing local file and a truncated local tar are not retried.
+    shard_retries: int = field(default=3, metadata={"ge": 0, "le": 20})
+    shard_retry_backoff_s: float = field(default=1.0, metadata={"ge": 0, "le": 600})
+    # A `pipe:` (or http/gs/...) read that sends no byte for this long is killed (its process group) and
+    # retried; 0: wait forever. Local files have no timeout (the kernel cannot interrupt their reads).
+    shard_timeout_s: float = field(default=300.0, metadata={"ge": 0})
+    # An image whose header says more pixels than this (width * height) is refused before it is decoded,
+    # counted as `image_too_large`: 64 Mpx (8000 x 8000) is far above any training size and far below
+    # PIL's decompression-bomb error (2 x Image.MAX_IMAGE_PIXELS = 179 Mpx, refused the same way).
+    max_image_pixels: int = field(default=64_000_000, metadata={"ge": 1})
 
     # --- DataLoader ---
     prefetch_factor: int = field(default=2, metadata={"ge": 1})

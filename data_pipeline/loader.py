@@ -141,7 +141,8 @@ class TrainLoader:
                                     self.batches_per_epoch, self.nlogical, w)
         self._tally.add(meta["tally"])
         self._consumed += 1
-        self._tally.check(self.cfg.max_bad_fraction, self.cfg.bad_fraction_min_samples, f"rank {self.rank}")
+        self._tally.check(self.cfg.max_bad_fraction, self.cfg.bad_fraction_min_samples, f"rank {self.rank}",
+                          self.cfg.bad_fraction_min_shards)
         return _finish(batch, self.cfg.pin_memory)
 
     def iter_epoch(self) -> Iterator[dict]:
@@ -176,7 +177,8 @@ class TrainLoader:
         return dict(sorted(self._tally.bad.items()))
 
     def counts(self) -> dict:
-        """{"good", "filtered", "bad": {reason: n}, "bad_total"} over the batches handed out."""
+        """{"good", "filtered", "bad": {reason: n}, "bad_total", "shards", "bad_shards", "retries"} over the
+        batches handed out (retries: shard reads tried again, in the worker processes)."""
         d = self._tally.as_dict()
         d["bad_total"] = sum(d["bad"].values())
         return d
@@ -262,7 +264,8 @@ class OnePassLoader:
             batch = None if meta["final"] else _finish(item, self.cfg.pin_memory)
             yield batch, [tuple(d) for d in meta["shards_done"]]
         if self.check_bad_fraction:
-            tally.check(self.cfg.max_bad_fraction, self.cfg.bad_fraction_min_samples, f"rank {self.rank}")
+            tally.check(self.cfg.max_bad_fraction, self.cfg.bad_fraction_min_samples, f"rank {self.rank}",
+                        self.cfg.bad_fraction_min_shards)
 
     def fault_counts(self) -> dict[str, int]:
         return dict(sorted(self._tally.bad.items()))

@@ -90,7 +90,7 @@ def precompute_shards(cfg: DataConfig, urls: str | Sequence[str], out_dir: str |
 
     def finish(url: str, status: str) -> None:
         w = writers.pop(url, None)
-        if status == "unreadable_url":  # may be transient: leave it for a rerun
+        if status in ("unreadable_url", "shard_timeout"):  # may be transient: leave it for a rerun
             if w is not None:
                 w.close()
                 os.remove(out / (names[url] + ".tmp"))

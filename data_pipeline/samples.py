@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import faults as F
 from .config import DataConfig
@@ -109,9 +110,15 @@ class Decoder:
         if not data:
             return Fault(F.EMPTY_IMAGE, url, key, f"{key}.{ext} is empty")
         try:
-            img = open_image(data)
+            img = open_image(data)   # the header only: no pixel is decoded yet
+        except Image.DecompressionBombError as e:  # PIL's own limit (2 x Image.MAX_IMAGE_PIXELS)
+            return Fault(F.IMAGE_TOO_LARGE, url, key, f"{e}")
         except Exception as e:
             return Fault(F.UNDECODABLE_IMAGE, url, key, f"{type(e).__name__}: {e}")
+        w, h = img.size
+        if w * h > self.cfg.max_image_pixels:
+            return Fault(F.IMAGE_TOO_LARGE, url, key, f"{w} x {h} = {w * h} pixels > data.max_image_pixels = "
+                                                      f"{self.cfg.max_image_pixels}")
         size = upright_size(img, exif_orientation(img))
         if self.filter.needs_size:
             reason = self.filter.rejects_size(original_size(meta or {}) or size)

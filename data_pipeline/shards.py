@@ -1,29 +1,43 @@
 """Shard lists and raw samples: URL expansion, rank/worker splitting, shard orders, tar reading.
 
-Reading goes through webdataset's `gopen` (local paths, `pipe:` commands, http via curl, ...) and
-its streaming `tar_file_iterator`. What is added here: every failure becomes a `Fault` item in
-the stream instead of an exception or a sleep, and a tar that silently stops short (Python's
-tarfile treats a cut inside a header as a clean end) is recognised by its missing end marker.
+Reading goes through webdataset's `gopen` (local paths, http via curl, ...; `pipe:` commands are
+started here, in their own process group) and its streaming `tar_file_iterator`. What is added here:
+every failure becomes a `Fault` item in the stream instead of an exception or a sleep; a tar that
+silently stops short (Python's tarfile treats a cut inside a header as a clean end) is recognised by
+its missing end marker; failed reads are retried with backoff (skipping what was already yielded, so
+the stream stays a pure function of the seeds) and command reads that stall time out (`ReadPolicy`).
+The held-out split of data.val_fraction lives here too (`split_holdout`).
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
+import logging
 import os
 import random
+import re
+import select
+import signal
+import struct
+import subprocess
+import time
 from bisect import bisect_right
+from dataclasses import dataclass
 from itertools import accumulate
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 from urllib.parse import urlparse
 
 import braceexpand
-from webdataset.gopen import Pipe, gopen, gopen_schemes
+from webdataset import utils as wds_utils
+from webdataset.gopen import Pipe, gopen, gopen_schemes, rewrite_url
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from .faults import EMPTY_SHARD, TRUNCATED_TAR, UNREADABLE_URL, Fault
+from .faults import EMPTY_SHARD, SHARD_TIMEOUT, TRUNCATED_TAR, UNREADABLE_URL, Fault
 from .state import derive_seed
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+log = logging.getLogger("data_pipeline")
 
 
 # ----------------------------------------------------------------------------- shard lists
@@ -127,28 +141,140 @@ class _Watch:
         return self.nbytes % 512 == 0 and len(self.tail) == 1024 and not any(self.tail)
 
 
+class ShardTimeout(OSError):
+    """A pipe read got no byte within the configured time."""
+
+
+@dataclass
+class ReadPolicy:
+    """How hard to try a shard: retries with exponential backoff, a stall timeout for pipe reads.
+
+    `retried` counts the retries made through this policy (one per process): the stream reports it."""
+    retries: int = 0
+    backoff_s: float = 1.0
+    timeout_s: float = 0.0   # 0: no timeout
+    retried: int = 0
+    sleep: Callable[[float], None] = time.sleep
+
+    @classmethod
+    def from_config(cls, cfg) -> "ReadPolicy":
+        return cls(retries=cfg.shard_retries, backoff_s=cfg.shard_retry_backoff_s, timeout_s=cfg.shard_timeout_s)
+
+
+class _PipeRaw(io.RawIOBase):
+    """The read end of a command's stdout; `readinto` waits at most `timeout` seconds for data."""
+
+    def __init__(self, fd: int, timeout: float):
+        super().__init__()
+        self.fd, self.timeout = fd, timeout
+        self.poller = select.poll()
+        self.poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.timeout > 0 and not self.poller.poll(self.timeout * 1000.0):
+            raise ShardTimeout(f"no data for {self.timeout:g} s (data.shard_timeout_s)")
+        return os.readv(self.fd, [buf])
+
+
+class PipeStream:
+    """A command's stdout (`pipe:` URLs, and webdataset's curl/gsutil/... pipes) with a stall timeout.
+
+    `pipe:` commands run in their own process group, so a kill reaches what the shell started too."""
+
+    OK_STATUS = (0, 141, -signal.SIGPIPE)   # a reader that stops early makes the writer die of SIGPIPE
+
+    def __init__(self, proc: subprocess.Popen, timeout: float, group: bool, ok_status=OK_STATUS, keep=None):
+        self.proc, self.timeout, self.group = proc, timeout, group
+        self.ok_status = tuple(ok_status)
+        self._keep = keep   # the webdataset Pipe this came from, kept quiet and alive until we are done
+        self.buffer = io.BufferedReader(_PipeRaw(proc.stdout.fileno(), timeout), buffer_size=1 << 20)
+
+    @classmethod
+    def command(cls, cmd: str, timeout: float) -> "PipeStream":
+        proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
+        return cls(proc, timeout, group=True)
+
+    @classmethod
+    def from_pipe(cls, pipe: Pipe, timeout: float) -> "PipeStream":
+        pipe.ignore_errors = True
+        return cls(pipe.proc, timeout, group=False, ok_status=tuple(pipe.ignore_status) + cls.OK_STATUS, keep=pipe)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.buffer.read(n)
+
+    def _kill(self) -> None:
+        try:
+            if self.group:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            else:
+                self.proc.kill()
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self) -> str:
+        """Close and wait for the command; why it failed, or "" (exit 0 / SIGPIPE). May raise ShardTimeout."""
+        try:
+            self.proc.stdout.close()
+        except Exception:
+            pass
+        try:
+            status = self.proc.wait(self.timeout if self.timeout > 0 else None)
+        except subprocess.TimeoutExpired:
+            self.abort()
+            raise ShardTimeout(f"the command did not exit within {self.timeout:g} s after its output ended "
+                               f"(data.shard_timeout_s)") from None
+        self._mark_done(status)
+        return "" if status in self.ok_status else f"command exited with status {status}"
+
+    def abort(self) -> None:
+        self._kill()
+        try:
+            self.proc.stdout.close()
+        except Exception:
+            pass
+        try:
+            self.proc.wait(10)
+        except Exception:
+            pass
+        self._mark_done(0)
+
+    def _mark_done(self, status) -> None:
+        if self._keep is not None:
+            self._keep.status = status   # keep Pipe.__del__ quiet
+
+
+def open_shard(url: str, timeout: float = 0.0):
+    """A readable binary stream of one shard: a local file (1 MiB buffer) or a PipeStream."""
+    url = rewrite_url(url)
+    if url.startswith("pipe:"):
+        if wds_utils.enforce_security:
+            raise ValueError("webdataset's enforce_security is on: pipe: URLs are refused")
+        return PipeStream.command(url[5:], timeout)
+    f = gopen(url, "rb")
+    if isinstance(f, Pipe):
+        return PipeStream.from_pipe(f, timeout)
+    if type(f) is io.BufferedReader:  # a local file: read it in larger blocks (fewer syscalls per member)
+        f = io.BufferedReader(f.detach(), buffer_size=1 << 20)
+    return f
+
+
 def _close(f) -> str:
-    """Close a stream; for a `pipe:` command return why it failed ("" when it exited 0 / SIGPIPE)."""
+    """Close a stream; for a command return why it failed ("" when it exited 0 / SIGPIPE)."""
+    if isinstance(f, PipeStream):
+        return f.close()
     try:
         f.close()
-    except Exception as e:  # Pipe.close raises on a non-zero exit status
+    except Exception as e:
         return str(e)[:300]
     return ""
 
 
 def _abort(f) -> None:
-    if isinstance(f, Pipe):
-        f.ignore_errors = True  # the kill below is ours: no complaint from Pipe.close / __del__
-        try:
-            f.proc.kill()
-        except Exception:
-            pass
-        try:
-            f.stream.close()
-            f.proc.wait(10)
-        except Exception:
-            pass
-        f.status = 0  # keep Pipe.__del__ quiet about the kill
+    if isinstance(f, PipeStream):
+        f.abort()
     else:
         try:
             f.close()
@@ -156,23 +282,49 @@ def _abort(f) -> None:
             pass
 
 
-def read_shard(url: str) -> Iterator[dict | Fault]:
+def read_shard(url: str, policy: Optional[ReadPolicy] = None) -> Iterator[dict | Fault]:
     """Raw samples `{"__key__", "__url__", ext: bytes, ...}` of one shard, then at most one Fault.
 
+    Every shard ends with exactly one item that says so: its last sample carries `"__shard_end__": True`,
+    or a shard-level Fault (unreadable_url, shard_timeout, truncated_tar, empty_shard) comes last.
+
+    A failed read (see `ReadPolicy`) is tried again after a backoff; a retry skips the complete samples
+    already yielded, so a shard that reads on some attempt yields exactly what a clean read yields.
     A truncated shard yields its complete samples and drops the one being read when the data
     ended (its members may be cut); the truncation counts once as `truncated_tar`."""
+    policy = policy if policy is not None else ReadPolicy()
+    delivered = 0
+    for attempt in range(policy.retries + 1):
+        if attempt:
+            policy.retried += 1
+            wait = policy.backoff_s * 2 ** (attempt - 1)
+            log.info("shard read failed (%s: %s); retry %d of %d in %.3g s: %s", fault.reason, fault.detail[:200],
+                     attempt, policy.retries, wait, url)
+            if wait > 0:
+                policy.sleep(wait)
+        fault, delivered, retryable = yield from _read_once(url, delivered, policy.timeout_s)
+        if fault is None:
+            return
+        if not retryable:
+            break
+    yield fault
+
+
+def _read_once(url: str, skip: int, timeout: float):
+    """One attempt: yields the samples after the first `skip`; returns (fault or None, yielded so far, retryable)."""
     try:
-        f = gopen(url, "rb")
+        f = open_shard(url, timeout)
+    except FileNotFoundError as e:  # a missing local file does not come back by waiting
+        return Fault(UNREADABLE_URL, url, None, f"{type(e).__name__}: {e}"), skip, False
     except Exception as e:
-        yield Fault(UNREADABLE_URL, url, None, f"{type(e).__name__}: {e}")
-        return
-    if type(f) is io.BufferedReader:  # a local file: read it in larger blocks (fewer syscalls per member)
-        f = io.BufferedReader(f.detach(), buffer_size=1 << 20)
+        return Fault(UNREADABLE_URL, url, None, f"{type(e).__name__}: {e}"), skip, True
+    remote = isinstance(f, PipeStream)
     watch = _Watch(f)
     members = tar_file_iterator(watch)
     current: dict | None = None
     error: Exception | None = None
-    nmembers = 0
+    nmembers = complete = 0
+    failed = ""
     done = False
     try:
         try:
@@ -183,29 +335,46 @@ def read_shard(url: str) -> Iterator[dict | Fault]:
                     continue
                 if current is None or current["__key__"] != prefix:
                     if current is not None:
-                        yield current
+                        complete += 1
+                        if complete > skip:
+                            yield current
                     current = {"__key__": prefix, "__url__": url}
                 current.setdefault(suffix.lower(), member["data"])  # a duplicate member keeps the first
             clean = watch.drained_cleanly()
-        except Exception as e:  # tarfile.ReadError, EOFError, or a pipe that died mid-stream
+        except Exception as e:  # tarfile.ReadError, EOFError, a pipe that died or stalled mid-stream
             error, clean = e, False
-        failed = _close(f)
+        if isinstance(error, ShardTimeout):
+            _abort(f)
+        else:
+            try:
+                failed = _close(f)
+            except ShardTimeout as e:
+                error, clean = e, False
         done = True
     finally:
         if not done:  # the consumer stopped early (epoch end, close): stop the pipe, count nothing
             members.close()
             _abort(f)
+    delivered = max(skip, complete)
+    key = current["__key__"] if current else None
+    if isinstance(error, ShardTimeout):
+        return Fault(SHARD_TIMEOUT, url, key, str(error)), delivered, True
     if failed:
-        yield Fault(UNREADABLE_URL, url, None, failed)
-    elif not clean:
+        return Fault(UNREADABLE_URL, url, None, failed), delivered, True
+    if not clean:
         detail = f"{type(error).__name__}: {error}" if error else "tar ends without its end-of-archive blocks"
-        yield Fault(TRUNCATED_TAR, url, current["__key__"] if current else None, detail[:300])
-    elif current is not None:
-        yield current
-    elif nmembers == 0:
-        yield Fault(EMPTY_SHARD, url, None, "the tar holds no files")
+        return Fault(TRUNCATED_TAR, url, key, detail[:300]), delivered, remote  # a local file stays cut
+    if current is None:
+        what = "the tar holds no files" if nmembers == 0 else "the tar holds no sample (no file with a key)"
+        return Fault(EMPTY_SHARD, url, None, what), delivered, False
+    if complete + 1 <= skip:
+        return Fault(UNREADABLE_URL, url, None, f"the shard changed between read attempts: {complete + 1} "
+                                                f"samples now, {skip} were read before"), delivered, False
+    current["__shard_end__"] = True
+    yield current
+    return None, complete + 1, False
 
 
-def read_shards(urls) -> Iterator[dict | Fault]:
+def read_shards(urls, policy: Optional[ReadPolicy] = None) -> Iterator[dict | Fault]:
     for url in urls:
-        yield from read_shard(url)
+        yield from read_shard(url, policy)

@@ -20,13 +20,16 @@ from . import faults as F
 from .config import DataConfig
 from .faults import DataFaultError, Fault, FaultLog, Tally
 from .samples import Batcher, Decoder, Filtered, Sample, collate
-from .shards import cycled_urls, mix, read_shard, read_shards, resampled_urls, split_by_rank, split_by_worker
+from .shards import (ReadPolicy, cycled_urls, mix, read_shard, read_shards, resampled_urls, split_by_rank,
+                     split_by_worker)
 from .state import derive_seed, worker_batches
 
 # A worker that pulls this many raw items in a row without one usable sample gives up loudly
 # (all shards unreadable, say) instead of spinning while the trainer waits.
 MAX_BAD_STREAK = 10_000
-SHARD_REASONS = (F.UNREADABLE_URL, F.TRUNCATED_TAR, F.EMPTY_SHARD)
+# ... and likewise after this many shards in a row that gave nothing (each may cost its retries' backoff).
+MAX_BAD_SHARD_STREAK = 100
+SHARD_REASONS = F.SHARD_REASONS
 
 
 def worker_info() -> tuple[int, int]:
@@ -62,11 +65,31 @@ class _Judge:
         self.tally = Tally()
         self.log = FaultLog(cfg.fault_log_per_minute)
         self.streak = 0
+        self.shard_streak = 0
+        self.policy = ReadPolicy.from_config(cfg)   # its retry count reaches the tally at each take()
+
+    def take(self) -> dict:
+        self.tally.retries = self.policy.retried
+        return self.tally.take()
+
+    def shard_end(self, item) -> None:
+        """Count a shard when its last item (see read_shard) passes: shards counted = shards handed out."""
+        if isinstance(item, Fault):
+            if item.reason not in SHARD_REASONS:
+                return
+            self.tally.shards += 1
+            self.tally.bad_shards += 1
+            self.shard_streak += 1
+            if self.check and self.shard_streak >= MAX_BAD_SHARD_STREAK:
+                raise DataFaultError(f"{self.where}: {self.shard_streak} shards in a row gave no usable sample; "
+                                     f"counts so far {self.tally.as_dict()}")
+        elif item.get("__shard_end__"):
+            self.tally.shards += 1
 
     def __call__(self, result) -> Optional[Sample]:
         if isinstance(result, Sample):
             self.tally.good += 1
-            self.streak = 0
+            self.streak = self.shard_streak = 0
             return result
         if isinstance(result, Filtered):
             self.tally.filtered += 1
@@ -74,7 +97,8 @@ class _Judge:
             self.tally.bad[result.reason] += 1
             self.log(result)
             if self.check:
-                self.tally.check(self.cfg.max_bad_fraction, self.cfg.bad_fraction_min_samples, self.where)
+                self.tally.check(self.cfg.max_bad_fraction, self.cfg.bad_fraction_min_samples, self.where,
+                                 self.cfg.bad_fraction_min_shards)
         self.streak += 1
         if self.check and self.streak >= MAX_BAD_STREAK:
             raise DataFaultError(f"{self.where}: {self.streak} raw items in a row without a usable sample; "
@@ -126,7 +150,7 @@ class TrainStream(IterableDataset):
         made = start["batches"] if start else 0
         if made >= target:
             return
-        streams = [read_shards(order) for order in self._shard_orders(epoch, worker, nworkers)]
+        streams = [read_shards(order, judge.policy) for order in self._shard_orders(epoch, worker, nworkers)]
         raw = mix(streams, [w for _, w in self.sources], derive_seed(self.seed, "mix", epoch, self.rank, worker))
         items = shuffle(raw, self.cfg.shuffle_buffer, derive_seed(self.seed, "shuffle", epoch, self.rank, worker))
         batcher = Batcher(self.batch_size)
@@ -150,6 +174,7 @@ class TrainStream(IterableDataset):
                         batcher.add(i, sample)
             for item in items:
                 i, index = index, index + 1
+                judge.shard_end(item)
                 result = item if isinstance(item, Fault) else decoder(item, self._rng(epoch, worker, i))
                 sample = judge(result)
                 if sample is None:
@@ -160,7 +185,7 @@ class TrainStream(IterableDataset):
                 made += 1
                 batch = collate(full, with_meta=False)
                 batch["__meta__"] = {"worker": worker, "epoch": epoch, "batches": made, "raw": index,
-                                     "pending": batcher.pending(), "tally": judge.tally.take()}
+                                     "pending": batcher.pending(), "tally": judge.take()}
                 yield batch
                 if made >= target:
                     return
@@ -203,12 +228,13 @@ class OnePassStream(IterableDataset):
             for d in ready:
                 done.remove(d)
             batch = collate(samples, self.with_meta) if samples else {}
-            batch["__meta__"] = {"worker": worker, "final": final, "tally": judge.tally.take(), "shards_done": ready}
+            batch["__meta__"] = {"worker": worker, "final": final, "tally": judge.take(), "shards_done": ready}
             return batch
 
         for url in mine:
             status = "ok"
-            for item in read_shard(url):
+            for item in read_shard(url, judge.policy):
+                judge.shard_end(item)
                 if isinstance(item, Fault) and item.reason in SHARD_REASONS:
                     status = item.reason
                 sample = judge(item if isinstance(item, Fault) else decoder(item, None))

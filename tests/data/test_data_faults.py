@@ -11,7 +11,8 @@ from data_pipeline.shards import read_shard
 
 
 def cfg_for(urls, **kw) -> DataConfig:
-    base = dict(urls=list(urls), image_size=16, num_workers=2, max_bad_fraction=1.0, fault_log_per_minute=0)
+    base = dict(urls=list(urls), image_size=16, num_workers=2, max_bad_fraction=1.0, fault_log_per_minute=0,
+                shard_retries=0)  # the failing `pipe:` shard is permanent here: no backoff waits
     base.update(kw)
     cfg = DataConfig(**base)
     cfg.validate()

@@ -101,7 +101,7 @@ def test_precompute_round_trip_and_loss_equality(tmp_path):
 
 def test_precompute_over_faulty_shards_keeps_exactly_the_good_samples(faulty_shards, tmp_path):
     cfg = DataConfig(urls=faulty_shards["urls"], image_size=16, num_workers=2, max_bad_fraction=1.0,
-                     fault_log_per_minute=0)
+                     fault_log_per_minute=0, shard_retries=0)
     enc = TinyEncoder().eval()
     total = 0
     for r in range(2):
