@@ -10,6 +10,7 @@ import importlib
 _LAZY = {
     "DataConfig": "config", "SourceConfig": "config", "DataFaultError": "faults",
     "TrainLoader": "loader", "OnePassLoader": "loader", "build_train_loader": "loader", "build_eval_loader": "loader",
+    "heldout_urls": "loader",
 }
 __all__ = list(_LAZY)
 

@@ -40,7 +40,17 @@ class DataConfig:
     urls: list[str] = field(default_factory=list)
     # Several data sets mixed per sample by weight; use instead of `urls` (not both).
     sources: list[SourceConfig] = field(default_factory=list)
+    # Held-out shards for validation. Either list them in `val_urls`, or set `val_fraction` (e.g. 0.02) to
+    # hold out about that share of the training shards (data.urls, or each of data.sources) by this rule:
+    # a shard is held out when blake2b("val_fraction" + its name) read as a number in [0, 1) is below the
+    # fraction, its name being the last two path parts of the shard's location ("laion/00012.tar" for
+    # /data/laion/00012.tar, s3://bucket/laion/00012.tar or a `pipe:` command reading either). So the choice
+    # does not depend on the order or the number of shards, on the root folder or the read command, and
+    # shards added later never move old ones between training and validation. With a fraction > 0 and
+    # >= 2 shards, at least one shard is held out (the one of smallest hash, if none is below the fraction)
+    # and at least one is kept for training. Held-out shards are removed from training. 0: off.
     val_urls: list[str] = field(default_factory=list)
+    val_fraction: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
     image_size: int = field(default=256, metadata={"ge": 8})
     num_workers: int = field(default=2, metadata={"ge": 0})
     # "raw": images + captions, encoded online; "precomputed": latents + text embeddings from `ldm data precompute`.
@@ -113,6 +123,9 @@ class DataConfig:
     def validate(self) -> None:
         if self.urls and self.sources:
             raise ValueError("set either urls or sources (a weighted mix), not both")
+        if self.val_urls and self.val_fraction > 0:
+            raise ValueError(f"set either val_urls (held-out shards) or val_fraction = {self.val_fraction} "
+                             f"(held out of the training shards), not both")
         if self.batches_per_epoch is not None and self.samples_per_epoch is not None:
             raise ValueError("set either batches_per_epoch (per rank) or samples_per_epoch (global), not both")
         if not self.image_keys:

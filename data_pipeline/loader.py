@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from .config import DataConfig
 from .faults import Tally
-from .shards import expand_urls, split_by_rank, split_by_worker
+from .shards import expand_urls, split_by_rank, split_by_worker, split_holdout
 from .state import LAYOUT_KEYS, STATE_VERSION, check_state, initial_positions, settle
 from .stream import OnePassStream, TrainStream
 from .transforms import to_float
@@ -61,8 +61,34 @@ def _fingerprint(cfg: DataConfig) -> str:
             "allow_empty_caption", "resampled", "shuffle_buffer", "crop", "flip_prob", "interpolation",
             "aspect_buckets", "bucket_step", "bucket_max_ratio", "min_original_size", "max_aspect_ratio",
             "json_filters")
-    blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True, default=lambda o: o.__dict__)
+    picked = {k: getattr(cfg, k) for k in keys}
+    if cfg.val_fraction and not cfg.val_urls:  # it changes the training shards (absent when off: old states match)
+        picked["val_fraction"] = cfg.val_fraction
+    blob = json.dumps(picked, sort_keys=True, default=lambda o: o.__dict__)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- held-out shards
+
+def training_sources(cfg: DataConfig) -> list[tuple[list[str], float]]:
+    """(expanded shard list, weight) per source of the training mix, without the shards data.val_fraction holds out."""
+    out = []
+    for source in cfg.all_sources():
+        urls = expand_urls(source.urls)
+        if cfg.val_fraction > 0 and not cfg.val_urls:
+            urls = split_holdout(urls, cfg.val_fraction)[0]
+        out.append((urls, source.weight))
+    return out
+
+
+def heldout_urls(cfg: DataConfig) -> list[str]:
+    """The validation shards: data.val_urls as given, else the shards data.val_fraction holds out of the
+    training data (of each source of a mix; the rule is in DataConfig and shards.split_holdout), else []."""
+    if cfg.val_urls:
+        return list(cfg.val_urls)
+    if cfg.val_fraction <= 0:
+        return []
+    return [u for source in cfg.all_sources() for u in split_holdout(expand_urls(source.urls), cfg.val_fraction)[1]]
 
 
 # ----------------------------------------------------------------------------- training
@@ -81,7 +107,7 @@ class TrainLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.cfg = cfg
         self.rank, self.world_size, self.seed, self.batch_size = rank, world_size, seed, batch_size
-        self.sources = [(expand_urls(s.urls), s.weight) for s in cfg.all_sources()]
+        self.sources = training_sources(cfg)   # without the shards data.val_fraction holds out
         if not self.sources or not any(u for u, _ in self.sources):
             raise ValueError("data.urls (or data.sources) is empty: nothing to train on")
         self.num_workers = cfg.num_workers

@@ -69,6 +69,47 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     return out
 
 
+def shard_name(url: str) -> str:
+    """The name the held-out rule hashes: the last two path parts of where the shard lives.
+
+    "/data/laion/00012.tar", "file:///data/laion/00012.tar", "s3://bucket/laion/00012.tar" and
+    "pipe:aws s3 cp s3://bucket/laion/00012.tar -" all give "laion/00012.tar". In a `pipe:` command the
+    last word ending in .tar / .tar.gz / .tgz is the location; a command without one is its own name."""
+    text = url
+    if url.startswith("pipe:"):
+        words = [w.strip("'\"") for w in url[5:].split()]
+        found = [w for w in words if w.lower().endswith(TAR_SUFFIXES)]
+        text = found[-1] if found else url[5:].strip()
+    parsed = urlparse(text)
+    path = (parsed.netloc + "/" + parsed.path) if parsed.scheme and len(parsed.scheme) > 1 else text
+    parts = [p for p in path.replace("\\", "/").split("/") if p]
+    return "/".join(parts[-2:]) if parts else text
+
+
+def holdout_score(url: str) -> float:
+    """A stable number in [0, 1) per shard name (blake2b; the same in every process and Python run)."""
+    digest = hashlib.blake2b(("val_fraction" + shard_name(url)).encode(), digest_size=8).digest()
+    return (struct.unpack("<Q", digest)[0] >> 11) / float(1 << 53)
+
+
+def split_holdout(urls: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(training shards, held-out shards) by the data.val_fraction rule (see DataConfig); order kept.
+
+    A shard is held out iff holdout_score < fraction, so the choice is per shard and stable when shards
+    are added. With fraction > 0 and >= 2 shards: at least one is held out (smallest score) and at
+    least one is kept for training (largest score)."""
+    urls = list(urls)
+    if fraction <= 0 or len(urls) < 2:
+        return urls, []
+    scores = {u: holdout_score(u) for u in urls}
+    held = {u for u in urls if scores[u] < fraction}
+    if not held:
+        held = {min(urls, key=lambda u: scores[u])}
+    if len(held) == len(set(urls)):
+        held.discard(max(urls, key=lambda u: scores[u]))
+    return [u for u in urls if u not in held], [u for u in urls if u in held]
+
+
 def split_by_rank(urls: Sequence[str], rank: int, world_size: int) -> list[str]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")

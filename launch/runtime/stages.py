@@ -139,16 +139,17 @@ def build_models_on_meta(cfg: Config) -> dict[str, nn.Module]:
 # ----------------------------------------------------------------------------- data
 
 def build_data(cfg: Config, env: DistEnv) -> tuple[object, Callable[[], Iterable] | None]:
-    from data_pipeline.loader import build_eval_loader, build_train_loader
+    from data_pipeline.loader import build_eval_loader, build_train_loader, heldout_urls
 
     train = build_train_loader(cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
                                batch_size=cfg.train.micro_batch_size)
     val = None
-    if cfg.data.val_urls:
+    val_urls = heldout_urls(cfg.data)   # data.val_urls, or the shards data.val_fraction holds out of training
+    if val_urls:
         val_cfg = dataclasses.replace(cfg.data, num_workers=0)   # a few fixed batches: no worker start-up cost
 
         def val():
-            return iter(build_eval_loader(val_cfg, cfg.data.val_urls, rank=env.rank, world_size=env.world_size,
+            return iter(build_eval_loader(val_cfg, val_urls, rank=env.rank, world_size=env.world_size,
                                           batch_size=cfg.train.micro_batch_size))
     return train, val
 
@@ -159,8 +160,9 @@ def stats_data_factory(cfg: Config) -> Callable[[], Iterable] | None:
         return None
 
     def batches():
-        from data_pipeline.loader import build_eval_loader
+        from data_pipeline.loader import build_eval_loader, training_sources
 
-        return iter(build_eval_loader(dataclasses.replace(cfg.data, num_workers=0), cfg.data.urls, rank=0,
+        urls = [u for source, _ in training_sources(cfg.data) for u in source]   # without held-out shards
+        return iter(build_eval_loader(dataclasses.replace(cfg.data, num_workers=0), urls, rank=0,
                                       world_size=1, batch_size=cfg.train.micro_batch_size))
     return batches
