@@ -80,7 +80,12 @@ def test_cli_synth_and_inspect_json(tmp_path, capsys):
     assert report["image_width"]["max"] == 16 and report["caption_words"]["min"] == 7
 
 
-def test_cli_inspect_counts_faults(faulty_shards, capsys):
+def test_cli_inspect_counts_faults(faulty_shards, capsys, monkeypatch):
+    from data_pipeline.shards import ReadPolicy
+
+    # the failing pipe is retried as in training, without the backoff waits (1 + 2 + 4 s)
+    monkeypatch.setattr(ReadPolicy, "from_config", classmethod(
+        lambda cls, cfg: cls(retries=cfg.shard_retries, backoff_s=0.0, timeout_s=cfg.shard_timeout_s)))
     assert main(["data", "inspect", *faulty_shards["urls"], "--json", "--workers", "2"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["samples"] == len(faulty_shards["good_keys"])
