@@ -5,8 +5,9 @@ Phases (each one's outputs are reused by a second run unless `--redo` names it):
   stage1      `ldm train configs/demo/autoencoder.yaml` (DeepSpeed, checkpoints, metrics)
   export1     the autoencoder export (weights + latent scaling_factor / shift_factor)
   recon       reconstruction PSNR / SSIM on held-out images (never trained on)
-  precompute  latents + text embeddings for stage two
-  stage2      `ldm train configs/demo/diffusion.yaml` (flow matching, CFG dropout, EMA)
+  precompute  latents + text embeddings for stage two: the train shards, and the val shards for its validation
+  stage2      `ldm train configs/demo/diffusion.yaml` (flow matching, CFG dropout, EMA; fixed-t validation loss
+              on the val latents every VAL_EVERY steps, in metrics.jsonl and RUN_DIR/report.html)
   export2     the stage-two export: OUT/export/
   sample      a grid for a fixed prompt list, and every triple (held-out ones included) for scoring
   adherence   color / shape / background judged from the pixels, held-out triples reported apart
@@ -28,6 +29,11 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
+# Stage two's fixed-t validation (launch/runtime/validation.py) on the val latents: every this many steps (and at
+# step 0), so the validation curve has points between the checkpoints (500, 1000 and the last, 1100, are
+# multiples of it). Each evaluation is validation.batches (2) batches of 128 val latents x 8 timesteps, for the
+# live and the EMA weights.
+VAL_EVERY = 100
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "triangle")
 
@@ -191,24 +197,32 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
                 "val": recon_metrics(ae_export, [_shards(data / "val")], batch_size=64)}
     recon_result = ph.run("recon", "reconstruction PSNR on held-out images", fp1, recon)
 
-    # 5. precompute latents + text embeddings
-    latents = data / "latents"
+    # 5. precompute latents + text embeddings, of the train shards and of the val shards (stage two's validation)
+    latents, val_latents = data / "latents", data / "latents_val"
     dm_overrides = [f"data.urls={_shards(data / 'train')}", f"data.image_size={s.image_size}",
                     f"train.seed={s.seed}", *s.overrides_stage2]
-    fp2 = _fingerprint(fp1, _file_hash(s.diffusion_config), dm_overrides)
+    fp2 = _fingerprint(fp1, _file_hash(s.diffusion_config), dm_overrides, "val latents", VAL_EVERY)
 
     def precompute() -> dict:
         from launch.runtime.config import load_config
         from launch.runtime.precompute import precompute as run_precompute
 
-        shutil.rmtree(latents, ignore_errors=True)
-        cfg = load_config(s.diffusion_config, [*dm_overrides, "data.kind=raw"])
-        return run_precompute(cfg, ae_export, latents, batch_size=256)
+        result = {}
+        for name, src, dst in (("train", data / "train", latents), ("val", data / "val", val_latents)):
+            shutil.rmtree(dst, ignore_errors=True)
+            rest = [o for o in dm_overrides if not o.startswith("data.urls=")]
+            cfg = load_config(s.diffusion_config, [f"data.urls={_shards(src)}", *rest, "data.kind=raw"])
+            result[name] = run_precompute(cfg, ae_export, dst, batch_size=256)
+        return result
     ph.run("precompute", "precompute latents and text embeddings", fp2, precompute)
 
-    # 6. stage two
+    # 6. stage two (validation.every=VAL_EVERY and the val latents unless --stage2 sets them)
     dm_run = runs / "diffusion"
     train2 = [o for o in dm_overrides if not o.startswith("data.urls=")]
+    if not any(o.startswith("validation.every=") for o in train2):
+        train2.insert(0, f"validation.every={VAL_EVERY}")
+    if not any(o.startswith("data.val_urls=") for o in train2):
+        train2.append(f"data.val_urls={_shards(val_latents)}")
     train2 += [f"data.urls={_shards(latents)}", "data.kind=precomputed", "latents.source=precomputed",
                f"latents.autoencoder={ae_export}"]
 
