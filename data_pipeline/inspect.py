@@ -25,7 +25,8 @@ def _summary(values: list) -> dict:
 
 def inspect_shards(urls: str | Sequence[str], cfg: Optional[DataConfig] = None, *, num_workers: int = 0,
                    batch_size: int = 64) -> dict:
-    """{"shards", "samples", "filtered", "bad": {reason: n}, "bad_total", "bad_fraction", caption and size stats}."""
+    """{"shards", "bad_shards", "retries", "samples", "filtered", "bad": {reason: n}, "bad_total", "bad_fraction",
+    caption and size stats}; shard reads are retried as in training (data.shard_retries)."""
     cfg = dataclasses.replace(cfg or DataConfig(), image_size=32, aspect_buckets=False)
     expanded = expand_urls(urls)
     t0 = time.time()
@@ -48,6 +49,8 @@ def inspect_shards(urls: str | Sequence[str], cfg: Optional[DataConfig] = None, 
     seen = counts["good"] + counts["filtered"] + counts["bad_total"]
     return {
         "shards": len(expanded),
+        "bad_shards": counts["bad_shards"],   # unreadable, timed out, truncated or empty
+        "retries": counts["retries"],
         "samples": counts["good"],
         "filtered": counts["filtered"],
         "bad": counts["bad"],
@@ -65,7 +68,8 @@ def inspect_shards(urls: str | Sequence[str], cfg: Optional[DataConfig] = None, 
 
 def format_report(report: dict) -> str:
     """Human-readable lines for `ldm data inspect` without --json."""
-    lines = [f"shards        {report['shards']}",
+    lines = [f"shards        {report['shards']} ({report.get('bad_shards', 0)} bad, "
+             f"{report.get('retries', 0)} read retries)",
              f"good samples  {report['samples']}",
              f"filtered      {report['filtered']}",
              f"bad samples   {report['bad_total']} ({report['bad_fraction']:.2%})"]

@@ -1,7 +1,7 @@
 """Shard lists and raw samples: URL expansion, rank/worker splitting, shard orders, tar reading.
 
 Reading goes through webdataset's `gopen` (local paths, http via curl, ...; `pipe:` commands are
-started here, in their own process group) and its streaming `tar_file_iterator`. What is added here:
+started here) and its streaming `tar_file_iterator`. What is added here:
 every failure becomes a `Fault` item in the stream instead of an exception or a sleep; a tar that
 silently stops short (Python's tarfile treats a cut inside a header as a clean end) is recognised by
 its missing end marker; failed reads are retried with backoff (skipping what was already yielded, so
@@ -220,40 +220,55 @@ class _PipeRaw(io.RawIOBase):
         return os.readv(self.fd, [buf])
 
 
+def _descendants(pid: int) -> list[int]:
+    """Live descendants of `pid` (Linux /proc); [] where the kernel does not list children."""
+    out, todo = [], [pid]
+    while todo:
+        for task in glob.glob(f"/proc/{todo.pop()}/task/*/children"):
+            try:
+                with open(task) as f:
+                    kids = [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
 class PipeStream:
     """A command's stdout (`pipe:` URLs, and webdataset's curl/gsutil/... pipes) with a stall timeout.
 
-    `pipe:` commands run in their own process group, so a kill reaches what the shell started too."""
+    The command stays in the caller's process group (a Ctrl-C or a group kill of the job reaches it); a
+    timed-out or abandoned command is killed together with what it started (its shell's children)."""
 
     OK_STATUS = (0, 141, -signal.SIGPIPE)   # a reader that stops early makes the writer die of SIGPIPE
 
-    def __init__(self, proc: subprocess.Popen, timeout: float, group: bool, ok_status=OK_STATUS, keep=None):
-        self.proc, self.timeout, self.group = proc, timeout, group
+    def __init__(self, proc: subprocess.Popen, timeout: float, ok_status=OK_STATUS, keep=None):
+        self.proc, self.timeout = proc, timeout
         self.ok_status = tuple(ok_status)
         self._keep = keep   # the webdataset Pipe this came from, kept quiet and alive until we are done
         self.buffer = io.BufferedReader(_PipeRaw(proc.stdout.fileno(), timeout), buffer_size=1 << 20)
 
     @classmethod
     def command(cls, cmd: str, timeout: float) -> "PipeStream":
-        proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
-        return cls(proc, timeout, group=True)
+        return cls(subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, bufsize=0), timeout)
 
     @classmethod
     def from_pipe(cls, pipe: Pipe, timeout: float) -> "PipeStream":
         pipe.ignore_errors = True
-        return cls(pipe.proc, timeout, group=False, ok_status=tuple(pipe.ignore_status) + cls.OK_STATUS, keep=pipe)
+        return cls(pipe.proc, timeout, ok_status=tuple(pipe.ignore_status) + cls.OK_STATUS, keep=pipe)
 
     def read(self, n: int = -1) -> bytes:
         return self.buffer.read(n)
 
     def _kill(self) -> None:
-        try:
-            if self.group:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            else:
-                self.proc.kill()
-        except (ProcessLookupError, PermissionError):
-            pass
+        if self.proc.poll() is not None:
+            return
+        for pid in [self.proc.pid] + _descendants(self.proc.pid):   # listed before the parent dies
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def close(self) -> str:
         """Close and wait for the command; why it failed, or "" (exit 0 / SIGPIPE). May raise ShardTimeout."""

@@ -92,6 +92,7 @@ def test_cli_inspect_counts_faults(faulty_shards, capsys, monkeypatch):
     assert report["bad"] == faulty_shards["bad"]
     assert report["bad_total"] == sum(faulty_shards["bad"].values())
     assert report["shards"] == len(faulty_shards["urls"])
+    assert report["bad_shards"] == 4 and report["retries"] == 3   # the failing pipe: 3 retries; a missing file: none
     assert report["formats"]["png"] >= 4 and report["formats"]["webp"] == 1
     assert main(["data", "inspect", faulty_shards["urls"][0]]) == 0
     assert "good samples" in capsys.readouterr().out
