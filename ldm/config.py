@@ -153,7 +153,8 @@ class DenoiserConfig:
 class TextEncoderConfig:
     arch: str = "ViT-L-14"             # an open_clip model name (built-in, registered, or `local-dir:PATH`)
     pretrained: Optional[str] = None   # an open_clip pretrained tag or a local checkpoint path; null: random init
-    layer: Literal["last", "penultimate"] = "last"   # penultimate gets the final LayerNorm too (SD2 practice)
+    # penultimate gets the final LayerNorm too (SD2 practice); penultimate_raw does not (SD3's hidden_states[-2])
+    layer: Literal["last", "penultimate", "penultimate_raw"] = "last"
     model_config: Optional[str] = None  # extra open_clip model-config JSON file or folder to register first
     cache_dir: Optional[str] = None    # where open_clip looks for / downloads tagged weights
     context_length: Optional[int] = field(default=None, metadata={"ge": 2})  # override the tokenizer length

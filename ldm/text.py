@@ -10,7 +10,8 @@ right after loading.
 Outputs (the batch keys the precompute step writes, so precomputed and online text are interchangeable):
 - text_hidden [B, L, width]: token states of the last layer, or of the penultimate layer; in both cases
   the final LayerNorm is applied (SD2 takes the penultimate layer of OpenCLIP ViT-H and normalises it with
-  ln_final, which keeps the states on the scale the last layer had in training).
+  ln_final, which keeps the states on the scale the last layer had in training). `layer: penultimate_raw`
+  takes the penultimate layer without it, as SD3 does (diffusers' `hidden_states[-2]`).
 - text_pooled [B, embed_dim]: open_clip's text feature (final LN, pooled at the end-of-text token,
   projected), unnormalised.
 - text_mask [B, L] bool: True up to and including the end-of-text token. (Padding is id 0, which is also
@@ -89,8 +90,8 @@ class OpenCLIPTextEncoder(nn.Module):
         super().__init__()
         import open_clip
 
-        if layer not in ("last", "penultimate"):
-            raise ValueError(f"layer {layer!r}: expected 'last' or 'penultimate'")
+        if layer not in ("last", "penultimate", "penultimate_raw"):
+            raise ValueError(f"layer {layer!r}: expected 'last', 'penultimate' or 'penultimate_raw'")
         self.layer = layer
         clip = create_open_clip(arch, pretrained, cache_dir, model_config, context_length, init_seed)
         tower = getattr(clip, "text", None)
@@ -128,8 +129,8 @@ class OpenCLIPTextEncoder(nn.Module):
     @torch.no_grad()
     def encode_tokens(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         index = self.num_layers - 1 if self.layer == "last" else self.num_layers - 2
-        out = self.clip.forward_intermediates(text=ids, text_indices=[index], normalize_intermediates=True,
-                                              normalize=False)
+        out = self.clip.forward_intermediates(text=ids, text_indices=[index], normalize=False,
+                                              normalize_intermediates=self.layer != "penultimate_raw")
         return {"text_hidden": out["text_intermediates"][0].float(),
                 "text_mask": self.padding_mask(ids),
                 "text_pooled": out["text_features"].float()}
