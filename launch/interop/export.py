@@ -43,6 +43,7 @@ def export_config(ck: RunCheckpoint, weights: str) -> dict[str, Any]:
                 "latent_stats": stats}
     return {**common, "denoiser": to_plain(cfg.denoiser), "objective": to_plain(cfg.objective),
             "conditioning": to_plain(cfg.conditioning), "text_encoder": to_plain(cfg.text_encoder),
+            "text": to_plain(getattr(cfg, "text", None)),
             "sampling": to_plain(cfg.sampling), "latents": to_plain(cfg.latents)}
 
 
@@ -61,17 +62,35 @@ def _is_open_clip_tag(arch: str, pretrained: str | None) -> bool:
     return bool(open_clip.get_pretrained_cfg(arch, pretrained))
 
 
-def text_encoder_problems(cfg) -> list[str]:
-    """Why the export cannot hold this run's text encoders (empty: it can). It writes one open_clip tower;
-    a `text.encoders` list of several entries or a T5 would be exported as a single, wrong encoder."""
+def several_encoders(cfg) -> bool:
     from ldm.text_encoders import text_encoder_entries
 
     entries = text_encoder_entries(cfg)
-    if len(entries) == 1 and entries[0].kind == "open_clip":
+    return not (len(entries) == 1 and entries[0].kind == "open_clip")
+
+
+def text_encoder_problems(cfg, fmt: str = "safetensors") -> list[str]:
+    """Why the export cannot hold this run's text encoders (empty: it can). The native layout writes one
+    open_clip tower; a `text.encoders` list of several entries or a T5 would be exported as a single, wrong
+    encoder. `--format diffusers` of an MMDiT whose encoders StableDiffusion3Pipeline reproduces writes them
+    all (text_encoder{,_2,_3}/, launch/interop/export_sd3.py) and no native text_encoder spec."""
+    from ldm.text_encoders import text_encoder_entries
+
+    if not several_encoders(cfg):
         return []
+    entries = text_encoder_entries(cfg)
     kinds = ", ".join(e.kind for e in entries)
+    why = ""
+    if fmt == "diffusers" and cfg.denoiser.kind == "mmdit":
+        from .export_sd3 import sd3_problems
+
+        problems = sd3_problems({"text": to_plain(cfg.text), "conditioning": to_plain(cfg.conditioning)})
+        if not problems:
+            return []
+        why = f" (--format diffusers writes them as SD3's text encoders only when StableDiffusion3Pipeline " \
+              f"reproduces them: {'; '.join(problems)})"
     return [f"text.encoders has {len(entries)} entries ({kinds}): the export writes one open_clip text tower "
-            f"only, so these encoders are not exported yet"]
+            f"only, so these encoders are not exported yet" + why]
 
 
 def write_text_encoder(te_cfg, out: Path, mode: str = "auto") -> tuple[dict, str | None]:
@@ -162,7 +181,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, use_ema: bool = True, dt
         if ck.cfg.latents.shift_factor is not None:
             config["shift_factor"] = ck.cfg.latents.shift_factor
     if ck.cfg.stage == "diffusion":   # refuse before writing anything
-        problems = text_encoder_problems(ck.cfg)
+        problems = text_encoder_problems(ck.cfg, fmt)
         if problems:
             raise ExportError("cannot export: " + "; ".join(problems))
     if fmt == "diffusers":   # refuse before writing anything
@@ -208,8 +227,11 @@ def export_run(run_dir: str | Path, out: str | Path, *, use_ema: bool = True, dt
                 config["autoencoder"] = "autoencoder"
             else:
                 config["autoencoder"] = str(ae.resolve())
-        config["text_encoder"], config["text_encoder_weights"] = write_text_encoder(ck.cfg.text_encoder, out,
-                                                                                     text_encoder)
+        if several_encoders(ck.cfg):     # SD3's three, written by write_diffusers (text_encoder_problems)
+            config["text_encoder"], config["text_encoder_weights"] = None, None
+        else:
+            config["text_encoder"], config["text_encoder_weights"] = write_text_encoder(ck.cfg.text_encoder, out,
+                                                                                         text_encoder)
     config["dtype"] = dtype
     write_safetensors(state, out / WEIGHTS_FILE, dtype,
                       {"format": EXPORT_FORMAT, "step": ck.step, "config_hash": ck.meta["config_hash"],
