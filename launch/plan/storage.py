@@ -12,8 +12,9 @@ parameter to a multiple of the world size before cutting it (ceil(n / N) element
     snapshots per run   = ceil(train.max_steps / every)  (steps every, 2 every, ... and the last one)
     total               = snapshots per run * bytes per snapshot
 
-Tensor data only: each safetensors file adds a JSON header (names, shapes, offsets; about 200 bytes per
-tensor) and each snapshot a small snapshot.json, which tests/plan/ measures as well under 1 % for real models.
+Tensor data only: each safetensors file adds a JSON header (each tensor's name, shape and offsets, and the
+shapes again in the metadata: about 135 bytes per tensor) and each snapshot a small snapshot.json; on the demo's
+2.3 M-parameter UNet (212 tensors) that is 0.6 % in 4 files, 0.9 % in 6 (tests/plan/), less on larger models.
 Checkpoints hold each profile's running state once more (`ema_phema_<sigma>/`), overwritten per checkpoint and
 counted with the checkpoints, not here.
 """

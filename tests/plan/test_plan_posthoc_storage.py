@@ -1,6 +1,7 @@
 """`ldm plan`'s post-hoc EMA snapshot storage (launch/plan/storage.py) against the snapshots a real run writes:
-`ldm train` of the demo's stage-two config on the tiny world's latents, ZeRO-3 on two gloo ranks (one partition
-file per rank and profile), then `ldm plan` of the same config and overrides."""
+`ldm train` of the demo's stage-two config on the tiny world's latents, ZeRO-3 on three gloo ranks (one partition
+file per rank and profile; at three ranks DeepSpeed pads one of the 212 parameters, which the figure counts), then
+`ldm plan` of the same config and overrides."""
 from __future__ import annotations
 
 import json
@@ -38,11 +39,13 @@ def test_plan_posthoc_storage_equals_the_snapshots_on_disk(tiny_world, tmp_path,
                  "deepspeed.zero_stage=3", "train.max_steps=7", "train.checkpoint_every=7",
                  "ema.posthoc.snapshot_every=3", "train.micro_batch_size=8", "train.precision=fp32",
                  "train.log_every=1", "data.num_workers=0", "validation.sample_every=0", "logging.progress=false"]
-    H.assert_ok(H.run(["train", DM_CONFIG, f"run_dir={run}", *overrides], nproc=2, script=H.LDM, timeout=600))
+    H.assert_ok(H.run(["train", DM_CONFIG, f"run_dir={run}", *overrides], nproc=3, script=H.LDM, timeout=600))
 
-    assert main(["plan", DM_CONFIG, *overrides, "--gpus", "2", "--json"]) == 0
-    plan = json.loads(capsys.readouterr().out)["posthoc_ema"]
+    assert main(["plan", DM_CONFIG, *overrides, "--gpus", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    plan = report["posthoc_ema"]
     assert plan["sigma_rels"] == [0.05, 0.1] and plan["dtype"] == "float32"
+    assert plan["elements_per_profile"] == report["model"]["params"] + 1, "one parameter padded by one element"
 
     snaps = sorted((run / "phema").glob("step_*"))
     assert [d.name for d in snaps] == ["step_00000003", "step_00000006", "step_00000007"]
@@ -50,7 +53,7 @@ def test_plan_posthoc_storage_equals_the_snapshots_on_disk(tiny_world, tmp_path,
     total = 0
     for d in snaps:
         files = sorted(d.glob("sigma_*/rank_*.safetensors"))
-        assert len(files) == plan["files_per_snapshot"] == 4, files        # 2 profiles x 2 ranks
+        assert len(files) == plan["files_per_snapshot"] == 6, files        # 2 profiles x 3 ranks
         data = sum(_safetensors_data_bytes(f) for f in files)
         on_disk = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
         with capsys.disabled():
@@ -61,6 +64,6 @@ def test_plan_posthoc_storage_equals_the_snapshots_on_disk(tiny_world, tmp_path,
         total += on_disk
     assert plan["total_bytes"] <= total <= 1.02 * plan["total_bytes"]
 
-    assert main(["plan", DM_CONFIG, *overrides, "--gpus", "2"]) == 0
+    assert main(["plan", DM_CONFIG, *overrides, "--gpus", "3"]) == 0
     table = capsys.readouterr().out
     assert "post-hoc EMA snapshots" in table and "x 3 snapshots (every 3 steps, ema.posthoc.snapshot_every)" in table
