@@ -37,6 +37,18 @@ ldm_set_threads() {
   fi
 }
 
+# torchrun's --max_restarts: LDM_MAX_RESTARTS when set, else runtime.max_restarts of the resolved config
+# (`ldm_max_restarts RESOLVED_YAML_TEXT`). A rank that dies or hangs ends its peers with status 6
+# (runtime.collective_timeout_s); torchrun then restarts every worker, which resume from the last complete checkpoint.
+ldm_max_restarts() {
+  if [[ -n ${LDM_MAX_RESTARTS:-} ]]; then
+    [[ $LDM_MAX_RESTARTS =~ ^[0-9]+$ ]] || { echo "LDM_MAX_RESTARTS=$LDM_MAX_RESTARTS: must be an integer >= 0" >&2; return 2; }
+    echo "$LDM_MAX_RESTARTS"
+    return 0
+  fi
+  printf '%s\n' "$1" | "$LDM_PYTHON" -c 'import sys, yaml; print(int((yaml.safe_load(sys.stdin).get("runtime") or {}).get("max_restarts", 0)))'
+}
+
 export PYTHONUNBUFFERED=1
 export WANDB_MODE=${WANDB_MODE:-offline}
 # NCCL: fail loudly instead of hanging when a peer dies.

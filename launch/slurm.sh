@@ -21,7 +21,9 @@
 # --output file only says where that log is, and shows errors that happen before it is known.
 #
 # Exit status: 0 training completed; 2 usage or configuration error (nothing computed);
-# 3 stopped after too many non-finite steps; 75 preempted after saving a checkpoint (the job was
+# 3 stopped after too many non-finite steps; 5 a checkpoint could not be written (full disk: the
+# previous one is intact); 6 a rank died or hung and the restarts (runtime.max_restarts: torchrun's
+# within the allocation, then requeues) are used up; 75 preempted after saving a checkpoint (the job was
 # requeued; if that failed, e.g. under --no-requeue, submit the same command again to resume);
 # anything else: the launch failed (srun's status, or 1).
 #
@@ -156,6 +158,10 @@ exec >>"$LOG" 2>&1
 echo "=== slurm.sh: $(date '+%F %T') job $SLURM_JOB_ID start (SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}"
 echo "slurm.sh: config $CONFIG ${OVERRIDES[*]} -> run_dir $RUN_DIR; checkout $LDM_ROOT"
 "$LDM_PYTHON" "${LDM_TRAIN_CMD[@]}" "$CONFIG" "${OVERRIDES[@]}" --check-config || exit $?
+# A dead or hung rank: torchrun restarts the workers within this allocation up to MAX_RESTARTS times
+# (runtime.max_restarts, or LDM_MAX_RESTARTS); when they are used up and the result is peer_lost, the job is
+# requeued while SLURM_RESTART_COUNT < MAX_RESTARTS (a new allocation, perhaps without the bad node).
+MAX_RESTARTS=$(ldm_max_restarts "$resolved") || exit 2
 
 # Topology: the first node hosts the rendezvous; its address is the node's NodeAddr.
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
@@ -239,7 +245,7 @@ if ((STOP_REQUESTED)); then   # USR1 before anything started: nothing to save
 fi
 
 CMD=("$LDM_PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC"
-  --rdzv_backend=c10d --rdzv_endpoint="$HEAD_ADDR:$PORT" --rdzv_id="$SLURM_JOB_ID" --max_restarts=0
+  --rdzv_backend=c10d --rdzv_endpoint="$HEAD_ADDR:$PORT" --rdzv_id="$SLURM_JOB_ID" --max_restarts="$MAX_RESTARTS"
   "${LDM_TRAIN_CMD[@]}" "$CONFIG" "${OVERRIDES[@]}")
 SRUN_OPTS=(--nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 --label)
 # srun does not always inherit --cpus-per-task from sbatch (Slurm 22.05 did not): pass it on.
@@ -271,6 +277,21 @@ case $status in
   nonfinite)
     rm -rf "$PIDDIR"
     exit 3
+    ;;
+  save_failed)
+    rm -rf "$PIDDIR"
+    echo "slurm.sh: a checkpoint could not be written (see the error above: path and free space); not requeueing"
+    exit 5
+    ;;
+  peer_lost)
+    if ((${SLURM_RESTART_COUNT:-0} < MAX_RESTARTS)); then
+      echo "slurm.sh: a rank was lost and torchrun's $MAX_RESTARTS restart(s) are used up: requeueing" \
+        "(start ${SLURM_RESTART_COUNT:-0} of at most $MAX_RESTARTS requeues)"
+      requeue
+    fi
+    rm -rf "$PIDDIR"
+    echo "slurm.sh: a rank was lost; restarts used up (runtime.max_restarts = $MAX_RESTARTS)"
+    exit 6
     ;;
   preempted) requeue ;;
 esac

@@ -81,8 +81,16 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent keeps one store across restarts: without a per-attempt prefix a restarted
+            # worker reads the dead attempt's gloo addresses ("Connection refused" in connectFullMesh)
+            store = dist.PrefixStore(f"ldm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/",
+                                     dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                                   is_master=False, timeout=timeout))
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
     if world > 1:   # one line per rank: which process landed where (the first thing to read when a job hangs)
