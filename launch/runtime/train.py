@@ -48,7 +48,7 @@ from .runlock import RunDirLocked, RunLock
 from .signals import EXIT_LOCKED, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_SAVE_FAILED, StopFlag
 from .universal import needs_universal
 from .validation import Validator
-from .watchdog import StallWatchdog, collective_failed, exit_peer_lost, leave_peer_lost
+from .watchdog import StallWatchdog, collective_failed, exit_peer_lost, leave_peer_lost, repeated_failure
 
 
 @dataclass
@@ -126,6 +126,11 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, env = self.cfg, self.env
         flush_denormals()
+        repeated = repeated_failure(self.run_dir)     # a torchrun restart after a failure that would recur
+        if repeated is not None:
+            self.log(f"error: the previous attempt of this job ended with '{repeated[0]}' (RUN_DIR/result.json); "
+                     f"a torchrun restart would only repeat it: exiting with status {repeated[1]} at once")
+            return TrainResult(repeated[0], 0, repeated[1])
         try:
             self._write_run_files()
         except RunDirLocked as e:
@@ -249,7 +254,8 @@ class Trainer:
     def _finish(self, status: str, step: int, message: str | None = None) -> None:
         D.barrier()
         if self.env.is_main:
-            record = {"status": status, "step": step, "time": time.time(), **({"message": message} if message else {})}
+            record = {"status": status, "step": step, "time": time.time(), **({"message": message} if message else {}),
+                      "torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID")}
             try:
                 (self.run_dir / "result.json").write_text(json.dumps(record))
             except OSError as e:          # a full disk must not turn a clear status into a traceback

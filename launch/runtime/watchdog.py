@@ -42,6 +42,26 @@ def leave_peer_lost(run_dir: Path, step: int, run_lock) -> None:
             run_lock.release()
 
 
+def repeated_failure(run_dir: Path) -> tuple[str, int] | None:
+    """(status, exit code) when this worker is a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) of a job whose
+    previous attempt ended with a failure that a restart would only repeat: a checkpoint that could not be written
+    (EXIT_SAVE_FAILED) or too many non-finite steps (EXIT_NONFINITE). torchrun restarts on any worker failure;
+    only a lost peer is worth one. Same job: the result names this torchrun's TORCHELASTIC_RUN_ID."""
+    from .signals import EXIT_NONFINITE, EXIT_SAVE_FAILED
+
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0:
+        return None
+    try:
+        result = json.loads((Path(run_dir) / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    codes = {"save_failed": EXIT_SAVE_FAILED, "nonfinite": EXIT_NONFINITE}
+    if result.get("torchelastic_run_id") == run_id and result.get("status") in codes:
+        return result["status"], codes[result["status"]]
+    return None
+
+
 def exit_peer_lost(message: str, before_exit: Callable[[], None] | None = None) -> None:
     print(f"[ldm] error: {message}", file=sys.stderr, flush=True)
     if before_exit is not None:

@@ -53,3 +53,21 @@ def test_fault_settings_are_validated_naming_the_key():
         load_config(None, ["runtime.collective_timeout_s=1"], base=BASE)
     with pytest.raises(ConfigError, match=r"runtime.max_restarts' = -1 is out of range: must be >= 0"):
         load_config(None, ["runtime.max_restarts=-1"], base=BASE)
+
+
+def test_a_restart_after_a_save_failure_repeats_its_status_at_once(tmp_path, monkeypatch):
+    import json
+
+    from launch.runtime.signals import EXIT_SAVE_FAILED
+    from launch.runtime.watchdog import repeated_failure
+
+    (tmp_path / "result.json").write_text(json.dumps({"status": "save_failed", "torchelastic_run_id": "job-1"}))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert repeated_failure(tmp_path) is None                       # the first attempt trains
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert repeated_failure(tmp_path) == ("save_failed", EXIT_SAVE_FAILED)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")              # another job (a new start by the user) trains
+    assert repeated_failure(tmp_path) is None
+    (tmp_path / "result.json").write_text(json.dumps({"status": "peer_lost", "torchelastic_run_id": "job-2"}))
+    assert repeated_failure(tmp_path) is None                       # a lost peer is what restarts are for
