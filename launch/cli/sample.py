@@ -17,7 +17,8 @@ DESCRIPTION = """Sample from an export written by `ldm export` (stage two).
 Deterministic for a seed: image i starts from noise seeded by (seed, i), so two runs give byte-identical
 PNGs, and a batch size change does not change the images (up to float rounding) for the deterministic
 samplers (ddim with eta 0, euler, heun, dpmpp_2m). Defaults for --steps, --cfg and --sampler come from the
-export's sampling section.
+export's sampling section. An export with several text encoders (an MMDiT on CLIP + CLIP + T5 exported with
+--format diffusers) samples the same way: our encoders are rebuilt from its text_encoder{,_2,_3}/ folders.
 """
 
 

@@ -6,6 +6,9 @@
     OUT/text_encoder/       stage two: the open_clip text tower's weights (safetensors) when they cannot be
                             fetched by name (random init or a local file), and its model-config JSON
     OUT/vae/, OUT/unet/ or OUT/transformer/      with --format diffusers (launch/interop/export_diffusers.py)
+    OUT/text_encoder{,_2,_3}/, OUT/tokenizer{,_2,_3}/   with --format diffusers of an MMDiT on SD3's three text
+                            encoders (launch/interop/export_sd3.py); config.json's `text` section then names
+                            them (`text_encoder_folders`), and `text_encoder` is null
     OUT/onnx/               with --format onnx (launch/interop/export_onnx.py)
 
 Weights come from the newest complete checkpoint: the EMA files (re-assembled from their ZeRO-3
@@ -246,6 +249,10 @@ def export_run(run_dir: str | Path, out: str | Path, *, use_ema: bool = True, dt
         from .export_diffusers import write_diffusers
 
         config["diffusers"] = write_diffusers(out, config, state, dtype)
+        if ck.cfg.stage == "diffusion" and several_encoders(ck.cfg) and "text_encoder_3" in config["diffusers"]:
+            from .export_sd3 import native_text     # our sampler rebuilds the three from those folders
+
+            config.update(native_text(out, config))
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     elif fmt == "onnx":
         from .export_onnx import export_onnx

@@ -3,6 +3,12 @@ text_encoder/ + tokenizer/, text_encoder_2/ + tokenizer_2/ (transformers' CLIPTe
 CLIPTokenizer, converted from our two open_clip towers), text_encoder_3/ + tokenizer_3/ (the T5 folder our
 `text.encoders` entry names: T5EncoderModel + its tokenizer, saved again), and model_index.json, beside the
 transformer/, vae/ and scheduler/ of launch/interop/export_diffusers.py and export_pipeline.py.
+Our own sampler (`ldm sample`, launch/runtime/exportdir.py `load_text_encoders`) reads the same folders:
+config.json's `text` section is rewritten to export-relative paths (`native_text`: the towers' open_clip
+model-config JSON copied to text_encoder{,_2}/open_clip/, T5's tokenizer also saved in text_encoder_3/) and
+`text_encoder_folders` names each encoder's folder; each tower is rebuilt from its arch and every tensor
+taken back from the CLIPTextModelWithProjection weights (the conversion is lossless), so no second copy of
+the towers is written.
 
 What diffusers' StableDiffusion3Pipeline computes (`encode_prompt`), and what of ours must match it:
 
@@ -177,7 +183,9 @@ def write_sd3_text(out: Path, config: Mapping[str, Any], dtype: str = "fp32") ->
     folder = resolve_t5_folder(t5["path"], "text.encoders[2].path")
     model = T5EncoderModel.from_pretrained(str(folder), dtype=_T5_DTYPES[t5.get("dtype", "float32")])
     model.save_pretrained(str(out / "text_encoder_3"), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(out / "tokenizer_3"))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.save_pretrained(str(out / "tokenizer_3"))
+    tokenizer.save_pretrained(str(out / "text_encoder_3"))   # beside the model too: our T5 loader reads one folder
     written.update(text_encoder_3="T5EncoderModel", tokenizer_3="T5TokenizerFast")
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": _diffusers_version(),
@@ -191,3 +199,30 @@ def write_sd3_text(out: Path, config: Mapping[str, Any], dtype: str = "fp32") ->
     (out / "model_index.json").write_text(json.dumps(index, indent=1))
     written["model_index.json"] = "StableDiffusion3Pipeline"
     return written
+
+
+def native_text(out: Path, config: Mapping[str, Any]) -> dict:
+    """What our own sampler needs to rebuild the three encoders from the folders `write_sd3_text` wrote
+    (launch/runtime/exportdir.py `load_text_encoders`): config.json's `text` section with export-relative
+    paths (an open_clip model-config JSON copied to text_encoder{,_2}/open_clip/, the T5 entry's path
+    text_encoder_3, which holds its tokenizer too) and `text_encoder_folders`, one folder per encoder."""
+    from ldm.text import resolve_model_config
+
+    entries = text_entries(config)
+    folders = ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    for entry, folder in zip(entries, folders):
+        if entry.get("kind", "open_clip") == "t5":
+            entry["path"] = folder
+        elif entry.get("model_config"):
+            src = resolve_model_config(entry["model_config"])
+            dst = out / folder / "open_clip"
+            if dst.exists():
+                shutil.rmtree(dst)
+            if src.is_dir():
+                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.[!j]*"))
+                entry["model_config"] = f"{folder}/open_clip"
+            else:
+                dst.mkdir(parents=True)
+                shutil.copy2(src, dst / src.name)
+                entry["model_config"] = f"{folder}/open_clip/{src.name}"
+    return {"text": {**dict(config.get("text") or {}), "encoders": entries}, "text_encoder_folders": folders}

@@ -5,8 +5,11 @@
                             launch/interop/export.py's `export_config`)
     OUT/autoencoder/        stage two: a copy of the autoencoder export (or config.json references it)
     OUT/text_encoder/       stage two: the open_clip text tower's weights (`TEXT_WEIGHTS`) and model-config JSON
+    OUT/text_encoder{,_2,_3}/  an MMDiT on SD3's three encoders (launch/interop/export_sd3.py): transformers'
+                            CLIP towers and T5 (+ its tokenizer), named per encoder by config.json's
+                            `text_encoder_folders`; `load_text_encoders` rebuilds our encoders from them
 
-The contract is docs/ARCHITECTURE.md section 7. It lives in the runtime room because the runtime reads
+The contract is docs/ARCHITECTURE.md section 5. It lives in the runtime room because the runtime reads
 exports too (stage two trains against a frozen autoencoder export; precompute encodes with one); the
 writers and converters (launch/interop/) import these names, so no module of either side imports the
 other's back. The reading side (`read_export`, `load_autoencoder`, `load_text_encoder`, `load_pipeline`)
@@ -46,8 +49,9 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, dtype: str, me
     save_file(tensors, str(path), metadata={k: str(v) for k, v in metadata.items()})
 
 
-_OWNED = ("model.safetensors", "config.json", "autoencoder", "text_encoder", "vae", "unet", "transformer", "onnx",
-          "scheduler", "tokenizer", "model_index.json", "pytorch_lora_weights.safetensors")
+_OWNED = ("model.safetensors", "config.json", "autoencoder", "text_encoder", "text_encoder_2", "text_encoder_3", "vae",
+          "unet", "transformer", "onnx", "scheduler", "tokenizer", "tokenizer_2", "tokenizer_3", "model_index.json",
+          "pytorch_lora_weights.safetensors")
 
 
 def clear_previous_export(out: Path) -> None:
@@ -91,6 +95,127 @@ def load_text_encoder(export_dir: str | Path, config: dict | None = None):
     open_clip.load_checkpoint(encoder.clip, str(path), strict=True)
     return encoder.eval()
 
+
+
+def _in_export(export_dir: Path, rel: str | None) -> str | None:
+    """An export-relative path (what the export wrote) made absolute; anything else as given."""
+    if rel and not Path(rel).is_absolute() and (export_dir / rel).exists():
+        return str((export_dir / rel).resolve())
+    return rel
+
+
+def open_clip_from_clip_text(encoder, folder: str | Path):
+    """Overwrite every text-tower tensor of an ldm.text.OpenCLIPTextEncoder from the transformers
+    CLIPTextModelWithProjection folder that launch/interop/pipeline_parts.py `clip_text_from_open_clip`
+    wrote (the inverse mapping: q, k, v joined back into in_proj, text_projection transposed back). Every
+    tensor of the folder is used and every text parameter is set (open_clip's logit_scale / logit_bias aside,
+    which text encoding never reads), shapes checked, or ValueError."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if f.name != Path(TEXT_WEIGHTS).name]
+    if not files or not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: expected config.json and model.safetensors of a CLIP text model")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    clip = encoder.clip
+    text = getattr(clip, "text", None) or clip
+    blocks = text.transformer.resblocks
+    width = text.transformer.width
+    pre = "text_model."
+    pairs = [(text.token_embedding.weight, f"{pre}embeddings.token_embedding.weight"),
+             (text.positional_embedding, f"{pre}embeddings.position_embedding.weight"),
+             (text.ln_final.weight, f"{pre}final_layer_norm.weight"), (text.ln_final.bias, f"{pre}final_layer_norm.bias")]
+    joined = []
+    for i, b in enumerate(blocks):
+        p = f"{pre}encoder.layers.{i}."
+        joined += [(b.attn.in_proj_weight, [f"{p}self_attn.{n}_proj.weight" for n in "qkv"]),
+                   (b.attn.in_proj_bias, [f"{p}self_attn.{n}_proj.bias" for n in "qkv"])]
+        pairs += [(b.attn.out_proj.weight, f"{p}self_attn.out_proj.weight"),
+                  (b.attn.out_proj.bias, f"{p}self_attn.out_proj.bias")]
+        for ours, theirs in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
+                             ("mlp.c_proj", "mlp.fc2")):
+            mod = b.get_submodule(ours)
+            pairs += [(mod.weight, f"{p}{theirs}.weight"), (mod.bias, f"{p}{theirs}.bias")]
+    proj = text.text_projection
+    transposed = None
+    if isinstance(proj, torch.nn.Linear):
+        pairs.append((proj.weight, "text_projection.weight"))
+    elif proj is not None:
+        transposed = proj
+    used, done = set(), set()
+    missing = [k for _, k in pairs if k not in state] + [k for _, ks in joined for k in ks if k not in state]
+    if transposed is not None and "text_projection.weight" not in state:
+        missing.append("text_projection.weight")
+    if missing:
+        raise ValueError(f"{folder}: the CLIP text model lacks {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''} for {len(blocks)} blocks of width {width}")
+    with torch.no_grad():
+        def put(param, value, names):
+            if tuple(param.shape) != tuple(value.shape):
+                raise ValueError(f"{folder}: {', '.join(names)} has shape {tuple(value.shape)}, the open_clip "
+                                 f"tower's tensor {tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
+            used.update(names)
+            done.add(id(param))
+
+        for param, key in pairs:
+            put(param, state[key], [key])
+        for param, keys in joined:
+            put(param, torch.cat([state[k] for k in keys]), keys)
+        if transposed is not None:
+            put(transposed, state["text_projection.weight"].t(), ["text_projection.weight"])
+    extra = sorted(set(state) - used)
+    if extra:
+        raise ValueError(f"{folder}: tensors with no place in the open_clip tower ({len(blocks)} blocks): "
+                         f"{', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
+    unset = [n for n, p in text.named_parameters() if id(p) not in done and not n.startswith("logit_")]
+    if unset:
+        raise ValueError(f"{folder}: no tensor for the open_clip text parameters {', '.join(unset[:4])}")
+    return encoder.eval()
+
+
+def load_text_encoders(export_dir: str | Path, config: dict | None = None):
+    """The frozen text encoders of an export whose config.json lists `text.encoders` (an MMDiT exported as
+    SD3's three, launch/interop/export_sd3.py): ldm.text_encoders.TextEncoders (or the bare tower for one
+    open_clip entry), each encoder rebuilt from the folder `text_encoder_folders` names for it: an open_clip
+    tower built from its arch and model config (randomly initialised), then every tensor replaced from the
+    transformers CLIP folder (`open_clip_from_clip_text`); a T5 from its saved folder (model + tokenizer)."""
+    from ldm.config import TextEncoderEntry
+    from ldm.text_encoders import TextEncoders, build_one, needs_joining
+
+    export_dir = Path(export_dir)
+    config = config if config is not None else json.loads((export_dir / CONFIG_FILE).read_text())
+    raw = (config.get("text") or {}).get("encoders") or []
+    folders = config.get("text_encoder_folders") or []
+    if not raw:
+        raise ValueError(f"{export_dir / CONFIG_FILE}: no text.encoders section")
+    if len(folders) != len(raw):
+        raise FileNotFoundError(f"{export_dir / CONFIG_FILE} lists {len(raw)} text encoders but names the folders "
+                                f"of {len(folders)} (text_encoder_folders): this export holds no weights for them; "
+                                "re-export the run with --format diffusers")
+    entries, encoders = [], []
+    for i, (spec, folder) in enumerate(zip(raw, folders)):
+        spec = dict(spec)
+        where = export_dir / folder
+        if not where.is_dir():
+            raise FileNotFoundError(f"text encoder {i} folder {where} not found (named by {export_dir / CONFIG_FILE})")
+        if spec.get("kind", "open_clip") == "t5":
+            spec["path"] = str(where.resolve())
+        else:
+            spec["model_config"] = _in_export(export_dir, spec.get("model_config"))
+            spec["pretrained"] = None          # built randomly, every tensor then replaced from the folder
+        entry = build_dataclass(TextEncoderEntry, spec, f"text.encoders[{i}]")
+        encoder = build_one(entry, i)
+        if entry.kind == "open_clip":
+            open_clip_from_clip_text(encoder, where)
+        entries.append(entry)
+        encoders.append(encoder)
+    if not needs_joining(entries):
+        return encoders[0]
+    return TextEncoders(encoders, [e.kind for e in entries], [e.dropout_prob for e in entries])
 
 
 def read_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -172,7 +297,10 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", *, text_
     scale, shift = config.get("scaling_factor"), config.get("shift_factor")
     latents = replace(latents, scaling_factor=float(scale if scale is not None else 1.0),
                       shift_factor=float(shift if shift is not None else 0.0))
-    te = load_text_encoder(path, config) if text_encoder else None
+    te = None
+    if text_encoder:
+        several = not config.get("text_encoder") and (config.get("text") or {}).get("encoders")
+        te = load_text_encoders(path, config) if several else load_text_encoder(path, config)
     den_cfg = build_dataclass(DenoiserConfig, config["denoiser"], "denoiser")
     stage = DiffusionStage(net, build_objective(build_dataclass(ObjectiveConfig, config["objective"], "objective")),
                            text_encoder=te, autoencoder=ae,

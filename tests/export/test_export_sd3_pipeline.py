@@ -1,7 +1,9 @@
 """`ldm export --format diffusers` of an MMDiT run conditioned on two open_clip towers and a T5 (SD3's three
 text encoders) writes a complete StableDiffusion3Pipeline: DiffusionPipeline.from_pretrained(OUT) loads it,
 its encode_prompt gives our condition (context and pooled), and its few-step run from fixed latents gives
-our Euler flow sampler's latents (launch/interop/export_sd3.py)."""
+our Euler flow sampler's latents (launch/interop/export_sd3.py). Our own sampler from the export alone (`ldm
+sample`: load_pipeline rebuilds our three encoders from text_encoder{,_2,_3}/) equals ours from the run's own
+weights."""
 from __future__ import annotations
 
 import importlib.util
@@ -59,7 +61,9 @@ def sd3_run(synth_data, ae_export, tmp_path_factory):
 def test_sd3_pipeline_encodes_and_samples_as_ours(sd3_run, tmp_path):
     from launch.interop.export_diffusers import write_denoiser
     from launch.runtime.config import load_config
+    from launch.interop.sample import generate_latents, sample_export
     from launch.runtime.exportdir import load_pipeline
+    from launch.runtime.runweights import ema_weights, open_run
     from ldm.text_encoders import build_text_encoders
 
     run, cfg_path = sd3_run
@@ -69,6 +73,9 @@ def test_sd3_pipeline_encodes_and_samples_as_ours(sd3_run, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["diffusers"]["model_index.json"] == "StableDiffusion3Pipeline"
     assert config["text_encoder"] is None            # no single native tower standing in for the three
+    assert config["text_encoder_folders"] == ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    assert [e.get("model_config") or e.get("path") for e in config["text"]["encoders"]] == \
+        ["text_encoder/open_clip/ldm-tiny-text.json", "text_encoder_2/open_clip/ldm-tiny-text.json", "text_encoder_3"]
     notes = config["diffusers_notices"]
     assert not any("no model_index" in n for n in notes) and any("max_sequence_length=16" in n for n in notes)
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
@@ -80,10 +87,27 @@ def test_sd3_pipeline_encodes_and_samples_as_ours(sd3_run, tmp_path):
     assert [type(pipe.text_encoder).__name__, type(pipe.text_encoder_2).__name__,
             type(pipe.text_encoder_3).__name__] == ["CLIPTextModelWithProjection"] * 2 + ["T5EncoderModel"]
 
-    stage, _ = load_pipeline(out, text_encoder=False)
-    stage.text_encoder = build_text_encoders(load_config(run / "config.yaml"))
-    stage.setup(torch.device("cpu"))
+    # our sampler from the export alone (its text_encoder{,_2,_3}/ folders rebuilt as our encoders) against
+    # ours from the run's own weights: the run config's encoders, the checkpoint's EMA denoiser
+    stage, _ = load_pipeline(out)
+    ref, _ = load_pipeline(out, text_encoder=False)
+    ref.text_encoder = build_text_encoders(load_config(run / "config.yaml"))
+    ref.denoiser.load_state_dict(ema_weights(open_run(run)))
+    ref.setup(torch.device("cpu"))
+    run_weights = ref.denoiser.state_dict()
+    assert max(float((v - run_weights[k]).abs().max()) for k, v in stage.denoiser.state_dict().items()) == 0
+    assert type(stage.text_encoder).__name__ == "TextEncoders" and stage.text_encoder.kinds == ["open_clip"] * 2 + ["t5"]
     ours = stage.condition({"caption": PROMPTS})
+    export_vs_run = max(float((side[k] - run_side[k]).abs().max())
+                        for side, run_side in ((ours, ref.condition({"caption": PROMPTS})),
+                                               (stage.condition({"caption": [""]}), ref.condition({"caption": [""]})))
+                        for k in ("context", "pooled"))
+    rc, _, err = cli("sample", out, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--out", tmp_path / "cli",
+                     "--no-progress")
+    assert rc == 0, err
+    sample_export(out, PROMPTS, tmp_path / "run_side", pipeline=(ref, config), progress=False)
+    assert [(tmp_path / "cli" / f).read_bytes() == (tmp_path / "run_side" / f).read_bytes()
+            for f in ("00000.png", "00001.png")] == [True, True]
     with torch.no_grad():
         ctx, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False,
                                                max_sequence_length=T5_LENGTH)
@@ -101,6 +125,10 @@ def test_sd3_pipeline_encodes_and_samples_as_ours(sd3_run, tmp_path):
     write_denoiser(tmp_path / "perturbed", config["denoiser"], stage.denoiser.state_dict())
     pipe.transformer = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "perturbed",
                                                                        subfolder="transformer").eval()
+    ref.denoiser.load_state_dict(stage.denoiser.state_dict())
+    z_export, z_run = (generate_latents(s, PROMPTS, [0, 1], seed=0, steps=STEPS, cfg_scale=SCALE, sampler="euler",
+                                        latent_shape=(4, 8, 8)) for s in (stage, ref))    # what `ldm sample` runs
+    sampler_diff = float((z_export - z_run).abs().max())
     seed = 7
     z_ours = stage.generate(stage.denoiser, {"caption": PROMPTS}, seed=seed)        # sampling: euler, 4, cfg 3
     noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
@@ -116,9 +144,12 @@ def test_sd3_pipeline_encodes_and_samples_as_ours(sd3_run, tmp_path):
     img_diff = float((image - ((stage.decode(z_ours) + 1) / 2).clamp(0, 1)).abs().max())
     z_diff = float((z_theirs - z_ours).abs().max())
     spacing_gap = float((default - z_ours).abs().max())
-    print(f"\nSD3 pipeline vs ours: context {ctx_diff:.2e}, pooled {pooled_diff:.2e}, {STEPS}-step CFG-{SCALE:g} "
+    print(f"\nour sampler from the export vs from the run's weights: condition {export_vs_run:.2e}, {STEPS}-step "
+          f"latents {sampler_diff:.2e}")
+    print(f"SD3 pipeline vs ours: context {ctx_diff:.2e}, pooled {pooled_diff:.2e}, {STEPS}-step CFG-{SCALE:g} "
           f"latents {z_diff:.2e} (|z| max {float(z_ours.abs().max()):.2f}), decoded image {img_diff:.2e}; with "
           f"the scheduler's own spacing {spacing_gap:.2e}")
+    assert export_vs_run < 1e-5 and sampler_diff < 1e-5 and float(z_run.std()) > 0.1
     assert ctx_diff < 1e-4 and pooled_diff < 1e-4
     # fp32 throughout, so the two sides differ by rounding only (about 1e-6 for the text, the latents and the
     # image, with |z| up to ~4): 1e-4 leaves ~100x headroom and stays ~1000x below what one wrong piece gives
@@ -149,3 +180,47 @@ def test_sd3_pipeline_refused_where_it_would_compute_another_condition(synth_dat
     more = sd3_problems({**plain, "conditioning": {"use_text_mask": True, "null_embedding": "learned"},
                          "text": {"encoders": plain["text"]["encoders"][::-1]}})
     assert len(more) == 3 and "two CLIP towers and one T5" in more[0]
+
+
+def test_sd3_medium_recipe_exports_to_a_full_pipeline(tmp_path):
+    """configs/ldm/mmdit-sd3-medium.yaml computes SD3's condition (penultimate_raw towers of length 77, no text
+    mask, empty null): with a T5-XXL-wide folder in place of its placeholder path, nothing keeps
+    --format diffusers from writing the StableDiffusion3Pipeline. (Only T5's config.json is read here.)"""
+    from launch.interop.export import text_encoder_problems
+    from launch.interop.export_sd3 import sd3_problems
+    from launch.runtime.config import load_config
+    from launch.runtime.configio import to_plain
+
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 4096}))
+    cfg = load_config(REPO / "configs" / "ldm" / "mmdit-sd3-medium.yaml")
+    plain = {"text": to_plain(cfg.text), "conditioning": to_plain(cfg.conditioning)}
+    assert [e["layer"] for e in plain["text"]["encoders"][:2]] == ["penultimate_raw"] * 2
+    plain["text"]["encoders"][2]["path"] = str(tmp_path / "t5")
+    assert sd3_problems(plain) == []
+    assert text_encoder_problems(cfg, "safetensors")     # the native layout still holds one tower only
+
+
+def test_several_encoders_without_their_folders_name_what_is_missing(tmp_path):
+    """A config.json listing text.encoders but no text_encoder_folders (no weights for them): load_text_encoders
+    says so instead of failing on the absent single text_encoder section."""
+    from launch.runtime.exportdir import load_text_encoders
+
+    config = {"text_encoder": None, "text": {"encoders": [TOWER, dict(TOWER, init_seed=1)]}}
+    with pytest.raises(FileNotFoundError, match="text_encoder_folders"):
+        load_text_encoders(tmp_path, config)
+    with pytest.raises(FileNotFoundError, match=r"text encoder 0 folder \S+/text_encoder not found"):
+        load_text_encoders(tmp_path, {**config, "text_encoder_folders": ["text_encoder", "text_encoder_2"]})
+
+
+def test_a_new_export_clears_the_sd3_folders_of_an_earlier_one(tmp_path):
+    """Re-exporting into OUT removes every folder an SD3 export wrote there (no stale T5 beside a UNet)."""
+    from launch.runtime.exportdir import clear_previous_export
+
+    names = ["text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "mine.txt").write_text("kept")
+    clear_previous_export(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
