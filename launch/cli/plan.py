@@ -9,8 +9,9 @@ HELP = "memory per GPU by ZeRO stage, largest micro-batch, grad accumulation and
 DESCRIPTION = """Model a stage-two config on N GPUs without running it: per-GPU memory by ZeRO stage
 (parameters, gradients, optimizer states, EMA, frozen text encoder / autoencoder, activations per
 sample with and without activation checkpointing), the largest micro-batch that fits, the gradient
-accumulation for the global batch, and img/s and days to train.max_steps from the model's FLOPs and
-an assumed MFU. Formulas and assumptions: docs/scaling.md and launch/plan/."""
+accumulation for the global batch, img/s and days to train.max_steps from the model's FLOPs and
+an assumed MFU, and the disk of the run's post-hoc EMA snapshots (RUN_DIR/phema/: bytes per snapshot,
+snapshots per run, total). Formulas and assumptions: docs/scaling.md and launch/plan/."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
