@@ -45,7 +45,8 @@ def export_config(ck: RunCheckpoint, weights: str) -> dict[str, Any]:
                 "scaling_factor": stats.get("scaling_factor"), "shift_factor": stats.get("shift_factor"),
                 "latent_stats": stats}
     return {**common, "denoiser": to_plain(cfg.denoiser), "objective": to_plain(cfg.objective),
-            "conditioning": to_plain(cfg.conditioning), "text_encoder": to_plain(cfg.text_encoder),
+            "conditioning": to_plain(cfg.conditioning),
+            "text_encoder": None if several_encoders(cfg) else to_plain(single_text_encoder(cfg)),
             "text": to_plain(getattr(cfg, "text", None)),
             "sampling": to_plain(cfg.sampling), "latents": to_plain(cfg.latents)}
 
@@ -70,6 +71,19 @@ def several_encoders(cfg) -> bool:
 
     entries = text_encoder_entries(cfg)
     return not (len(entries) == 1 and entries[0].kind == "open_clip")
+
+
+def single_text_encoder(cfg):
+    """The one open_clip tower of a run as a TextEncoderConfig: `text_encoder:`, or the single entry of
+    `text.encoders` (then `text_encoder:` is the unset default, not the run's tower). Its train-time
+    dropout_prob has no place in the export: sampling never drops."""
+    import dataclasses
+
+    from ldm.config import TextEncoderConfig
+    from ldm.text_encoders import text_encoder_entries
+
+    entry = text_encoder_entries(cfg)[0]
+    return TextEncoderConfig(**{f.name: getattr(entry, f.name) for f in dataclasses.fields(TextEncoderConfig)})
 
 
 def text_encoder_problems(cfg, fmt: str = "safetensors") -> list[str]:
@@ -233,8 +247,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, use_ema: bool = True, dt
         if several_encoders(ck.cfg):     # SD3's three, written by write_diffusers (text_encoder_problems)
             config["text_encoder"], config["text_encoder_weights"] = None, None
         else:
-            config["text_encoder"], config["text_encoder_weights"] = write_text_encoder(ck.cfg.text_encoder, out,
-                                                                                         text_encoder)
+            config["text_encoder"], config["text_encoder_weights"] = write_text_encoder(single_text_encoder(ck.cfg),
+                                                                                         out, text_encoder)
     config["dtype"] = dtype
     write_safetensors(state, out / WEIGHTS_FILE, dtype,
                       {"format": EXPORT_FORMAT, "step": ck.step, "config_hash": ck.meta["config_hash"],

@@ -224,3 +224,22 @@ def test_a_new_export_clears_the_sd3_folders_of_an_earlier_one(tmp_path):
     (tmp_path / "mine.txt").write_text("kept")
     clear_previous_export(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_one_tower_listed_in_text_encoders_is_the_exported_tower(tmp_path):
+    """`text.encoders: [one open_clip tower]` leaves `text_encoder:` at its default (ViT-L-14): the export
+    writes the listed tower, not the default (the native single-tower layout, loaded by load_text_encoder)."""
+    from launch.interop.export import several_encoders, single_text_encoder
+    from launch.runtime.config import load_config
+    from launch.runtime.configio import to_plain
+
+    cfg = yaml.safe_load((REPO / "configs" / "ldm" / "unet-small.yaml").read_text())
+    del cfg["text_encoder"]
+    cfg["text"] = {"encoders": [dict(TOWER, layer="penultimate", dropout_prob=0.1)]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_cfg = load_config(path)
+    assert run_cfg.text_encoder.arch == "ViT-L-14" and not several_encoders(run_cfg)
+    spec = to_plain(single_text_encoder(run_cfg))
+    assert spec == {k: v for k, v in TOWER.items() if k != "kind"} | {"layer": "penultimate", "cache_dir": None,
+                                                                       "init_seed": 0}
