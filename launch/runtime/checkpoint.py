@@ -224,16 +224,22 @@ PAUSE_ENV = "LDM_TEST_SAVE_PAUSE"
 
 
 def _pause_hook(step: int, phase: str, run_dir: Path, rank: int) -> None:
-    """Test hook (tests/faults): LDM_TEST_SAVE_PAUSE=STEP:PHASE[:RANK] makes the save of STEP stop at PHASE
+    """Test hook (tests/faults): LDM_TEST_SAVE_PAUSE=STEP:PHASE[:RANK][,...] makes the save of STEP stop at PHASE
     (start, engines, shards, complete): it creates RUN_DIR/save_paused_STEP_PHASE_rankR and waits until that
-    file is removed (at most 10 minutes), so a test can kill the job or fill the disk at that point."""
+    file is removed (at most 10 minutes), so a test can kill the job or fill the disk at that point. Once per
+    marker: a marker left by a killed attempt means that pause has happened, and a restart goes on."""
     spec = os.environ.get(PAUSE_ENV)
     if not spec:
         return
-    parts = spec.split(":")
-    if int(parts[0]) != step or parts[1] != phase or (len(parts) > 2 and int(parts[2]) != rank):
+    for one in spec.split(","):
+        parts = one.split(":")
+        if int(parts[0]) == step and parts[1] == phase and (len(parts) < 3 or int(parts[2]) == rank):
+            break
+    else:
         return
     marker = Path(run_dir) / f"save_paused_{step}_{phase}_rank{rank}"
+    if marker.exists():
+        return
     marker.write_text(str(os.getpid()))
     deadline = time.time() + 600
     while marker.exists() and time.time() < deadline:

@@ -1,7 +1,8 @@
 """Training entry for the fault tests: `python fault_job.py CONFIG.yaml [key=value ...] [--print-config|--check-config]`,
 alone, under torchrun, or as launch/local.sh's LDM_TRAIN_ENTRY (it takes `ldm train`'s command line). Trains
 tests/runtime/toy.py's ToyStage through the real Trainer with the process-group timeout from the config
-(runtime.collective_timeout_s), as `ldm train` does, and writes RUN_DIR/pid_rank{R} for the tests to aim at."""
+(runtime.collective_timeout_s), as `ldm train` does, writes RUN_DIR/pid_rank{R} for the tests to aim at and,
+when the run completes, RUN_DIR/final_live.safetensors (the gathered live weights)."""
 from __future__ import annotations
 
 import os
@@ -36,7 +37,14 @@ def main(argv: list[str]) -> int:
         trainer = Trainer(cfg, env, ToyStage(), data, val, eval_module_factory=lambda: ToyStage().net)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / f"pid_rank{env.rank}").write_text(str(os.getpid()))
-        return trainer.run().exit_code
+        result = trainer.run()
+        if result.status == "completed":   # final live weights, gathered, for bit-equality checks
+            from safetensors.torch import save_file
+
+            live = trainer.full_main_state(use_ema=False)
+            if env.is_main:
+                save_file({k: v.contiguous() for k, v in live.items()}, str(Path(cfg.run_dir) / "final_live.safetensors"))
+        return result.exit_code
     finally:
         if trainer is not None:
             trainer.close()

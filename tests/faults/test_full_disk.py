@@ -96,17 +96,21 @@ def test_full_disk_during_save_stops_with_status_5_and_the_previous_checkpoint_r
     _steps_once(run, 8)
 
 
-@pytest.mark.parametrize("phase", ["shards"])
+@pytest.mark.slow          # tests/faults/test_soak.py's short version kills inside a save in `make test`
+@pytest.mark.parametrize("phase", ["shards", "complete"])
 def test_kill9_inside_a_save_keeps_the_previous_checkpoint_and_resumes_from_it(tmp_path, phase):
-    """kill -9 of the whole job while rank 0 is paused inside the save of step 6 (every rank's shards written,
-    no COMPLETE yet): the next start resumes step 3 (named by `latest`) and re-saves step 6 over the debris."""
+    """kill -9 of the whole job while rank 0 is paused inside the save of step 6 (`shards`: every rank's shards
+    written, no COMPLETE yet; `complete`: COMPLETE written, `latest` not moved): the next start resumes step 3
+    (named by `latest`) and re-saves step 6 over the debris."""
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", run)
     proc = H.start([str(cfg)], script=FAULT_JOB, LDM_TEST_SAVE_PAUSE=f"6:{phase}:0", TOY_SLEEP_S="0.05")
     _wait_for([run / f"save_paused_6_{phase}_rank0"], proc)
     H.kill_hard(proc)
     ck = run / "checkpoints"
-    assert (ck / "step_00000006").is_dir() and check_complete(ck / "step_00000006") is not None
+    problem = check_complete(ck / "step_00000006")
+    print(f"killed inside the save of step 6 at '{phase}': step 6 {problem or 'complete'}, latest step 3")
+    assert (ck / "step_00000006").is_dir() and (problem is not None) == (phase == "shards"), problem
     assert (ck / "latest").read_text().strip() == "step_00000003"
     again = H.run([str(cfg)], script=FAULT_JOB, timeout=240)
     H.assert_ok(again)
