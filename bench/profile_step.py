@@ -2,7 +2,7 @@
 training step, ours and the diffusers peer, the same step `ldm bench train` times. For reading why a ratio
 is what it is (e.g. convolution kernels shared by both sides bound the autoencoder's bf16 gain).
 
-    python -m bench.profile_step autoencoder unet dit [--dtype bf16] [--rows 10] [--threads 2] [--quick]
+    python -m bench.profile_step autoencoder unet dit mmdit [--dtype bf16] [--rows 10] [--threads 2] [--quick]
     ldm bench profile unet                # the same
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def profile_pair(model: str, dtype: str, rows: int, steps: int = 2, quick: bool 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="+", choices=("autoencoder", "unet", "dit"))
+    p.add_argument("models", nargs="+", choices=("autoencoder", "unet", "dit", "mmdit"))
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--rows", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
