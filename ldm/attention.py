@@ -138,10 +138,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's fused rms_norm in fp32 (autocast leaves it there): x * rsqrt(mean(x^2) + eps) * weight, the
-        # same numbers as the op-by-op form (bit-identical on CPU) in one kernel forward and one backward
-        # instead of six elementwise passes each; then back to the input's dtype.
-        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).to(x.dtype)
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * self.weight.float()).to(dtype)
 
 
 def make_qk_norm(kind: str, head_dim: int) -> nn.Module:
