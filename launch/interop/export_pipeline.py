@@ -19,7 +19,8 @@ layer or mask (SD3's pipeline would compute another condition), a UNet tower wit
   "!" (id 0) as open_clip pads with 0.
 - Scheduler from the objective and sampling section: eps -> prediction_type epsilon, v -> v_prediction, with
   the beta schedule, spacing and zero-terminal-SNR rescale of the run, as DDIM / DDPM / Euler / Heun /
-  DPM-Solver++ (the configured sampler); flow -> FlowMatchEulerDiscreteScheduler with the sampling shift.
+  DPM-Solver++ (the configured sampler); flow -> FlowMatchEulerDiscreteScheduler with the sampling shift for
+  transformers, and for a UNet DPM-Solver++ on flow sigmas (StableDiffusionPipeline cannot drive the former).
 - MMDiT: text_encoder/, text_encoder_2/ (CLIPTextModelWithProjection: all blocks, open_clip's
   text_projection as the projection), text_encoder_3/ (T5EncoderModel) and their tokenizers, when
   `sd3_problems` finds nothing; a fixed shift for the scheduler (shift auto: ours at the model's latent size).
@@ -73,6 +74,9 @@ def pipeline_notices(config: Mapping[str, Any]) -> list[str]:
         notes.append(f"latent shift_factor {config['shift_factor']}: StableDiffusionPipeline divides by "
                      "scaling_factor only and ignores vae.config.shift_factor")
     sampling = config.get("sampling") or {}
+    if (config.get("objective") or {}).get("kind") == "flow":
+        notes.append(f"flow matching: the pipeline's scheduler is DPM-Solver++ on flow sigmas (what "
+                     f"StableDiffusionPipeline can drive), not our {sampling.get('sampler', 'euler')} sampler")
     if sampling.get("guidance_interval"):
         notes.append("sampling.guidance_interval: the pipeline guides at every step")
     te = config.get("text_encoder") or {}
@@ -88,6 +92,15 @@ def pipeline_notices(config: Mapping[str, Any]) -> list[str]:
 
 def scheduler_config(objective: Mapping[str, Any], sampling: Mapping[str, Any],
                      denoiser: Optional[Mapping[str, Any]] = None) -> dict:
+    if objective.get("kind") == "flow" and (denoiser or {}).get("kind") == "unet":
+        # StableDiffusionPipeline cannot drive FlowMatchEulerDiscreteScheduler (it scales the initial noise by
+        # scheduler.init_noise_sigma, which that scheduler lacks); DPM-Solver++ on flow sigmas is the flow
+        # scheduler it can: x0 = x_t - sigma * velocity, timesteps = 1000 sigma as ours
+        shift = flow_shift_at(objective, sampling, denoiser)[0]
+        return {"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": _diffusers_version(),
+                "num_train_timesteps": 1000, "prediction_type": "flow_prediction", "use_flow_sigmas": True,
+                "flow_shift": shift, "algorithm_type": "dpmsolver++", "solver_order": 2,
+                "final_sigmas_type": "zero", "steps_offset": 1}
     if objective.get("kind") == "flow":
         return {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": _diffusers_version(),
                 "num_train_timesteps": 1000, "shift": flow_shift_at(objective, sampling, denoiser)[0]}
