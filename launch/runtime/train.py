@@ -48,7 +48,8 @@ from .runlock import RunDirLocked, RunLock
 from .signals import EXIT_LOCKED, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_SAVE_FAILED, StopFlag
 from .universal import needs_universal
 from .validation import Validator
-from .watchdog import StallWatchdog, collective_failed, exit_peer_lost, leave_peer_lost, repeated_failure
+from .watchdog import (StallWatchdog, attempt_identity, collective_failed, exit_peer_lost, leave_peer_lost,
+                       repeated_failure)
 
 
 @dataclass
@@ -126,11 +127,8 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, env = self.cfg, self.env
         flush_denormals()
-        repeated = repeated_failure(self.run_dir)     # a torchrun restart after a failure that would recur
-        if repeated is not None:
-            self.log(f"error: the previous attempt of this job ended with '{repeated[0]}' (RUN_DIR/result.json); "
-                     f"a torchrun restart would only repeat it: exiting with status {repeated[1]} at once")
-            return TrainResult(repeated[0], 0, repeated[1])
+        if (repeated := repeated_failure(self.run_dir, self.log)) is not None:   # a restart must not undo an end
+            return TrainResult(*repeated)
         try:
             self._write_run_files()
         except RunDirLocked as e:
@@ -255,7 +253,7 @@ class Trainer:
         D.barrier()
         if self.env.is_main:
             record = {"status": status, "step": step, "time": time.time(), **({"message": message} if message else {}),
-                      "torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID")}
+                      **attempt_identity()}
             try:
                 (self.run_dir / "result.json").write_text(json.dumps(record))
             except OSError as e:          # a full disk must not turn a clear status into a traceback
@@ -480,6 +478,8 @@ def run_training(cfg: Config, build_stage: Callable[[Config], Any],
     """Initialise the process group, build stage and data, train, tear everything down."""
     check_runtime_config(cfg)
     flush_denormals()
+    if (repeated := repeated_failure(cfg.run_dir, lambda m: print(f"[ldm] {m}", file=sys.stderr))) is not None:
+        return TrainResult(*repeated)   # before joining a process group: torchrun gives up the sooner
     env = D.init_distributed(timeout_s=cfg.runtime.collective_timeout_s)
     trainer = None
     try:

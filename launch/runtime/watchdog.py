@@ -42,23 +42,39 @@ def leave_peer_lost(run_dir: Path, step: int, run_lock) -> None:
             run_lock.release()
 
 
-def repeated_failure(run_dir: Path) -> tuple[str, int] | None:
-    """(status, exit code) when this worker is a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) of a job whose
-    previous attempt ended with a failure that a restart would only repeat: a checkpoint that could not be written
-    (EXIT_SAVE_FAILED) or too many non-finite steps (EXIT_NONFINITE). torchrun restarts on any worker failure;
-    only a lost peer is worth one. Same job: the result names this torchrun's TORCHELASTIC_RUN_ID."""
-    from .signals import EXIT_NONFINITE, EXIT_SAVE_FAILED
+def attempt_identity() -> dict:
+    """Which start of which job wrote a result: torchrun's run id, its restart count, Slurm's requeue count."""
+    return {"torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
+            "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+            "allocation": os.environ.get("SLURM_RESTART_COUNT", "")}
 
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if not run_id or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0:
+
+def repeated_failure(run_dir: Path, log: Callable[[str], None] | None = None) -> tuple[str, int, int] | None:
+    """(status, step 0, exit code), said through `log`, when this worker is a torchrun restart after an attempt (the
+    same torchrun job, the same allocation, a lower restart count) that ended on purpose with a status a restart
+    must not undo: preempted (EXIT_PREEMPTED: the launcher requeues), a checkpoint that could not be written
+    (EXIT_SAVE_FAILED) or too many non-finite steps (EXIT_NONFINITE), which a restart would only repeat.
+    torchrun restarts on any worker failure; only a lost peer is worth one. Every later restart repeats it too
+    (none trains, so none writes a newer result than that attempt's). Same decision on every rank and node (one
+    file, the same environment)."""
+    from .signals import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_SAVE_FAILED
+
+    me = attempt_identity()
+    if not me["torchelastic_run_id"] or me["attempt"] == 0:
         return None
     try:
         result = json.loads((Path(run_dir) / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    codes = {"save_failed": EXIT_SAVE_FAILED, "nonfinite": EXIT_NONFINITE}
-    if result.get("torchelastic_run_id") == run_id and result.get("status") in codes:
-        return result["status"], codes[result["status"]]
+    codes = {"save_failed": EXIT_SAVE_FAILED, "nonfinite": EXIT_NONFINITE, "preempted": EXIT_PREEMPTED}
+    same_job = (result.get("torchelastic_run_id") == me["torchelastic_run_id"]
+                and result.get("allocation", "") == me["allocation"] and int(result.get("attempt", -1)) >= 0
+                and int(result.get("attempt", -1)) < me["attempt"])
+    if same_job and result.get("status") in codes:
+        if log is not None:
+            log(f"the previous attempt of this torchrun job ended '{result['status']}' (RUN_DIR/result.json); a "
+                f"restart must not undo that: exiting with status {codes[result['status']]} at once")
+        return result["status"], 0, codes[result["status"]]
     return None
 
 

@@ -55,19 +55,36 @@ def test_fault_settings_are_validated_naming_the_key():
         load_config(None, ["runtime.max_restarts=-1"], base=BASE)
 
 
-def test_a_restart_after_a_save_failure_repeats_its_status_at_once(tmp_path, monkeypatch):
+def test_a_restart_does_not_undo_a_deliberate_end_of_the_previous_attempt(tmp_path, monkeypatch):
     import json
 
-    from launch.runtime.signals import EXIT_SAVE_FAILED
+    from launch.runtime.signals import EXIT_PREEMPTED, EXIT_SAVE_FAILED
     from launch.runtime.watchdog import repeated_failure
 
-    (tmp_path / "result.json").write_text(json.dumps({"status": "save_failed", "torchelastic_run_id": "job-1"}))
+    def result(status, run_id="job-1", attempt=0, allocation=""):
+        (tmp_path / "result.json").write_text(json.dumps({"status": status, "torchelastic_run_id": run_id,
+                                                          "attempt": attempt, "allocation": allocation}))
+
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    result("save_failed")
     assert repeated_failure(tmp_path) is None                       # the first attempt trains
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert repeated_failure(tmp_path) == ("save_failed", EXIT_SAVE_FAILED)
+    assert repeated_failure(tmp_path) == ("save_failed", 0, EXIT_SAVE_FAILED)
+    result("preempted")
+    assert repeated_failure(tmp_path) == ("preempted", 0, EXIT_PREEMPTED)   # the launcher requeues; no restart here
+    result("peer_lost")
+    assert repeated_failure(tmp_path) is None                       # a lost peer is what restarts are for
+    result("preempted", attempt=0)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")           # every later restart repeats it (none trained)
+    assert repeated_failure(tmp_path) == ("preempted", 0, EXIT_PREEMPTED)
+    result("preempted", attempt=2)
+    assert repeated_failure(tmp_path) is None                       # not an earlier attempt's end
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    result("preempted", attempt=0)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")                  # a requeued allocation, same torchrun run id
+    assert repeated_failure(tmp_path) is None
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")              # another job (a new start by the user) trains
     assert repeated_failure(tmp_path) is None
-    (tmp_path / "result.json").write_text(json.dumps({"status": "peer_lost", "torchelastic_run_id": "job-2"}))
-    assert repeated_failure(tmp_path) is None                       # a lost peer is what restarts are for
