@@ -75,7 +75,10 @@ def test_full_disk_during_save_stops_with_status_5_and_the_previous_checkpoint_r
     print(f"ballast {filled / 2**20:.1f} MiB; job ended {time.time() - t0:.1f} s after the paused save went on")
     codes = worker_exit_codes(out)
     print(f"worker exit codes {codes} (torchrun: {proc.returncode})")
-    assert proc.returncode != 0 and codes == {0: EXIT_SAVE_FAILED, 1: EXIT_SAVE_FAILED}, out[-4000:]
+    # torchrun SIGTERMs the other worker as soon as one exits: a rank that was still tearing down (its result
+    # written) may show -15; the status by name is in result.json (what launch/slurm.sh maps to 5)
+    assert proc.returncode != 0 and EXIT_SAVE_FAILED in codes.values(), out[-4000:]
+    assert set(codes.values()) <= {EXIT_SAVE_FAILED, -15}, out[-4000:]
     line = next(ln for ln in out.splitlines() if "could not be written" in ln)
     print(line)
     assert str(run / "checkpoints") in line and "MiB free on" in line and str(tmpfs) in line, line
@@ -84,8 +87,8 @@ def test_full_disk_during_save_stops_with_status_5_and_the_previous_checkpoint_r
     assert not (ck / "step_00000006").exists(), "the partial tag is removed"
     assert (ck / "latest").read_text().strip() == "step_00000003"
     assert check_complete(ck / "step_00000003") is None
-    res = H.result(run) if (run / "result.json").exists() else None
-    assert res is None or res["status"] == "save_failed", res
+    res = H.result(run)
+    assert res["status"] == "save_failed" and "MiB free" in res["message"], res
     print(f"result.json: {res}")
 
     ballast.unlink()
