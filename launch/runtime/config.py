@@ -119,6 +119,10 @@ class LoggingConfig:
     wandb_entity: Optional[str] = None
     wandb_run_name: Optional[str] = None
     progress: bool = True
+    # MFU per logging window (launch/runtime/throughput.py): FLOPs of one real micro-step over the measured
+    # matmul peak of this device, or over peak_tflops (a data-sheet figure, per device) when given
+    mfu: bool = True
+    peak_tflops: Optional[float] = field(default=None, metadata={"gt": 0})
 
 
 @dataclass

@@ -102,3 +102,27 @@ class WandbLogger:
 
     def finish(self) -> None:
         self._run.finish()
+
+
+def data_counters(train_data) -> dict[str, int]:
+    """The loader's cumulative counters, flat for one all-reduce: bad samples by reason (`bad/<reason>`), shards
+    read, shards skipped after their retries, and read retries."""
+    if hasattr(train_data, "counts"):
+        c = train_data.counts()
+        return {**{f"bad/{k}": v for k, v in c.get("bad", {}).items()},
+                **{k: int(c.get(k, 0)) for k in ("shards", "bad_shards", "retries")}}
+    if hasattr(train_data, "fault_counts"):
+        return {f"bad/{k}": v for k, v in train_data.fault_counts().items()}
+    return {}
+
+
+def data_record(summed: Mapping[str, int]) -> dict[str, int]:
+    """metrics.jsonl keys from the all-rank sums of `data_counters`: data/bad/<reason>, data/bad_total (when
+    any), data/shards_read, data/bad_shards, data/retries."""
+    record = {f"data/{k}": v for k, v in sorted(summed.items()) if k.startswith("bad/")}
+    if record:
+        record["data/bad_total"] = sum(record.values())
+    if "shards" in summed:
+        record.update({"data/shards_read": summed["shards"], "data/bad_shards": summed.get("bad_shards", 0),
+                       "data/retries": summed.get("retries", 0)})
+    return record

@@ -3,9 +3,11 @@
 - FLOPs: one micro-step (forward + backward through the engines, as trained) is counted once by torch's
   FlopCounterMode, the first time the loop asks; a step is that times the accumulation steps. Counting is
   a dispatch mode: it slows only that one micro-step and counts what really ran (attention through SDPA,
-  convolutions, the frozen text tower when it runs online), not a model-side formula.
+  convolutions, the frozen text tower when it runs online), not a model-side formula. A micro-step that
+  did not reach its backward (a skipped non-finite one) is not kept. Off under `train.compile` (the mode
+  would run the uncompiled graph) and with `logging.mfu: false`.
 - Peak: a matmul in the run's compute dtype, timed at start on this device (the best of a few). MFU is
-  measured against what this machine really sustains; `logging.peak_tflops` would override it with the
+  measured against what this machine really sustains; `logging.peak_tflops` replaces it with the
   data-sheet figure where a user wants that convention (MFU as in the PaLM paper).
 - Peak memory: CUDA `max_memory_allocated` (reset each window); on CPU, where torch's allocator keeps no
   peak, the process's resident high-water mark VmHWM, reset each window through /proc/self/clear_refs.
@@ -55,23 +57,33 @@ class ThroughputMeter:
     """Counts one micro-step's FLOPs once, then turns each logging window into MFU and peak memory."""
 
     def __init__(self, device: torch.device, compute_dtype: torch.dtype, grad_accum_steps: int,
-                 peak_flops: Optional[float] = None):
-        self.device, self.gas = device, grad_accum_steps
-        self.peak_flops = peak_flops if peak_flops else matmul_peak_flops(device, compute_dtype)
+                 peak_flops: Optional[float] = None, count: bool = True):
+        self.device, self.gas, self.count = device, grad_accum_steps, count
+        self.peak_flops = peak_flops if peak_flops else (matmul_peak_flops(device, compute_dtype) if count else 0.0)
         self.micro_flops: Optional[float] = None
         self._reset_memory()
 
+    @classmethod
+    def for_config(cls, cfg, device: torch.device) -> "ThroughputMeter":
+        """The meter of a run: its compute dtype, accumulation, `logging.mfu` / `peak_tflops`, `train.compile`."""
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        return cls(device, dtype, cfg.train.grad_accum_steps, (cfg.logging.peak_tflops or 0) * 1e12,
+                   count=cfg.logging.mfu and not cfg.train.compile)
+
     @contextlib.contextmanager
-    def count_once(self) -> Iterator[None]:
-        """Wrap one micro-step (forward + backward): counted the first time, a no-op after."""
-        if self.micro_flops is not None:
-            yield
+    def count_once(self) -> Iterator[dict]:
+        """Wrap one micro-step (forward + backward): counted the first time, a no-op after. The caller sets
+        `done["backward"] = True` on the yielded dict once the backward ran; otherwise the count is dropped."""
+        done: dict = {"backward": False}
+        if self.micro_flops is not None or not self.count:
+            yield done
             return
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:
-            yield
-        self.micro_flops = float(counter.get_total_flops())
+            yield done
+        if done["backward"]:
+            self.micro_flops = float(counter.get_total_flops())
 
     @property
     def step_flops(self) -> Optional[float]:
@@ -99,8 +111,8 @@ class ThroughputMeter:
     def window(self, steps: int, seconds: float) -> dict[str, float]:
         """This rank's achieved TFLOP/s and MFU over `steps` optimizer steps in `seconds`, and peak memory."""
         out = self.peak_memory()
-        if self.step_flops is not None and steps > 0 and seconds > 0:
+        if self.step_flops is not None and steps > 0 and seconds > 0 and self.peak_flops > 0:
             achieved = self.step_flops * steps / seconds
             out.update({"perf/tflops_per_s": achieved / 1e12, "perf/mfu": achieved / self.peak_flops,
-                        "perf/peak_tflops": self.peak_flops / 1e12})
+                        "perf/peak_tflops": self.peak_flops / 1e12, "perf/flops_per_step": self.step_flops})
         return out

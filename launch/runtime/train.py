@@ -40,11 +40,12 @@ from .engine import (build_engine, check_runtime_config, discard_gradients, grad
 from .images import save_grid
 from .latentstats import write_latent_statistics
 from .init import initialise, start_ema
-from .metrics import MetricsWriter, WandbLogger
+from .metrics import MetricsWriter, WandbLogger, data_counters, data_record
 from .posthoc import PosthocEMA
 from .progress import TrainProgress
 from .resume import LogWindow, resume, seed_everything
 from .runlock import RunDirLocked, RunLock
+from .throughput import ThroughputMeter
 from .signals import EXIT_LOCKED, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, EXIT_SAVE_FAILED, StopFlag
 from .universal import needs_universal
 from .validation import Validator
@@ -172,6 +173,7 @@ class Trainer:
             # state updated inside forward (VQ codebook usage / EMA codebooks) must agree across ranks
             self.stage.set_collectives(D.all_reduce_sum_, D.broadcast_)
         self.window = LogWindow()
+        self.meter = ThroughputMeter.for_config(cfg, env.device)
         self.counters = {"nonfinite_skipped": 0, "consecutive_nonfinite": 0}
         self._logged_memory = False
 
@@ -283,6 +285,8 @@ class Trainer:
                 batch = to_device(next(data_iter), env.device)
                 losses: dict = {}
                 logs: dict = {}
+                counting = self.meter.count_once() if micro == 0 else contextlib.nullcontext({})
+                counted = counting.__enter__()      # FLOPs of forward + backward, once (throughput.py)
                 if not poisoned:
                     with autocast:
                         losses, logs = self.stage.training_step(self.engines, batch, step)
@@ -294,6 +298,7 @@ class Trainer:
                 stop_seen = stop_seen or flags[1] > 0
                 if flags[0] > 0:
                     poisoned = True
+                    counting.__exit__(None, None, None)
                     continue
                 for name, loss in losses.items():
                     engine = self.engines[name]
@@ -303,6 +308,8 @@ class Trainer:
                         backwarded.append(name)
                     if not boundary:
                         engine.step()
+                counted["backward"] = bool(losses)
+                counting.__exit__(None, None, None)
                 self.window.add({("loss" if n == self.stage.main_module else f"loss/{n}"): l
                                  for n, l in losses.items()})
                 self.window.add(logs)
@@ -381,9 +388,9 @@ class Trainer:
 
     def _log_step(self, step: int, lrs: dict[str, float], elapsed: float) -> None:
         means = D.all_reduce_mean(self.window.means(), self.env.device)
-        faults = {}
-        if hasattr(self.train_data, "fault_counts"):
-            faults = D.all_reduce_sum_counts(self.train_data.fault_counts())
+        data = D.all_reduce_sum_counts(data_counters(self.train_data))
+        perf = self.meter.window(self.cfg.train.log_every, elapsed)   # MFU of this rank; peak memory: the busiest
+        perf.update({k: D.all_reduce_max([v], self.env.device)[0] for k, v in perf.items() if k.startswith("mem/")})
         record: dict[str, Any] = {"step": step, **means, "lr": lrs[self.stage.main_module],
                                   "img_per_s": self.window.images / max(elapsed, 1e-9),
                                   "samples_seen": step * self.global_batch,
@@ -398,10 +405,8 @@ class Trainer:
             for name, engine in self.engines.items():
                 record[f"mem/optimizer_state_bytes_max/{name}"] = D.all_reduce_max(
                     [float(optimizer_state_bytes(engine))], self.env.device)[0]
-        for reason, count in faults.items():
-            record[f"data/bad/{reason}"] = count
-        if faults:
-            record["data/bad_total"] = sum(faults.values())
+        record.update(perf)
+        record.update(data_record(data))
         self.window.reset()
         if self.env.is_main:
             self.metrics.write(record)
