@@ -10,7 +10,9 @@ DESCRIPTION = """Train the stage named by the config's `stage:` key. Runs as one
 torchrun / srun (launch/local.sh, launch/slurm.sh). When RUN_DIR holds a complete checkpoint the
 run resumes from it, also at another world size.
 
-Exit status: 0 done, 2 config error, 3 too many non-finite steps, 75 preempted (checkpoint saved).
+Exit status: 0 done, 2 config error, 3 too many non-finite steps, 4 run directory locked by a live run,
+5 checkpoint not written (path and MiB free named; the previous one intact), 6 a rank died or hung
+(runtime.collective_timeout_s), 75 preempted (checkpoint saved).
 """
 
 

@@ -169,7 +169,7 @@ def sweep(run_dir: str | Path, sigma_rels=DEFAULT_SWEEP, step: Optional[int] = N
     held-out data (`val_data`, default data.val_urls), in this process (one rank, CPU); `stage` defaults to the
 config's. Returns {step, losses: {sigma_rel: val_loss}, best}."""
     from .runweights import open_run
-    from data_pipeline.loader import build_eval_loader
+    from data_pipeline.loader import build_eval_loader, heldout_urls
 
     from .stages import build_stage
     from .validation import Validator
@@ -178,13 +178,14 @@ config's. Returns {step, losses: {sigma_rel: val_loss}, best}."""
     env = D.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     if val_data is not None:
         val = val_data
-    elif not cfg.data.val_urls:
-        raise FileNotFoundError("the run has no held-out data (data.val_urls); nothing to score by")
+    elif not heldout_urls(cfg.data):
+        raise FileNotFoundError("the run has no held-out data (data.val_urls or data.val_fraction); "
+                                "nothing to score by")
     else:
         val_cfg = dataclasses.replace(cfg.data, num_workers=0)
 
         def val():
-            return iter(build_eval_loader(val_cfg, cfg.data.val_urls, rank=0, world_size=1,
+            return iter(build_eval_loader(val_cfg, heldout_urls(cfg.data), rank=0, world_size=1,
                                           batch_size=cfg.train.micro_batch_size))
     weights, info = reconstruct(run_dir, list(sigma_rels), step)
     stage = stage if stage is not None else build_stage(cfg)
