@@ -46,7 +46,7 @@ lock:
 	$(BIN)/pip-compile $(LOCK_FLAGS) --extra dev --extra cuda --output-file requirements/cuda.lock pyproject.toml
 
 demo: $(STAMP)
-	$(BIN)/ldm demo --out $(OUT)
+	$(BIN)/ldm demo --finetune --out $(OUT)
 
 # tests/report renders the run report in a real headless Chromium: install it when root, else say how.
 chromium:

@@ -12,6 +12,9 @@ score prompt adherence from the pixels and write OUT/report.md. A second run reu
 phases (their inputs unchanged); --redo PHASE (or all) runs them again.
 
 Phases: data stage1 export1 recon precompute stage2 export2 sample adherence report
+
+--finetune then teaches the finished model a color it never saw (pink) with LoRA, judges samples before
+and after, and adds the section to OUT/report.md (phases ft_*, launch/demo/finetune.py).
 """
 
 
@@ -22,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage1", nargs="*", default=[], metavar="key=value", help="overrides for stage one")
     p.add_argument("--stage2", nargs="*", default=[], metavar="key=value", help="overrides for stage two")
     p.add_argument("--train-images", type=int, default=None, help="synthetic training images (default 8000)")
+    p.add_argument("--finetune", action="store_true",
+                   help="then fine-tune the finished model on a new color with LoRA (before/after in the report)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="LoRA steps of --finetune (default 400)")
     p.add_argument("--readme", action="store_true",
                    help="also rewrite the README's demo block (and docs/assets) from this run's report")
 
@@ -33,6 +39,13 @@ def run(args) -> int:
     if args.train_images:
         s.train_images = args.train_images
     run_demo(s, redo=set(args.redo))
+    if args.finetune:
+        from launch.demo.finetune import FinetuneSettings, run_finetune
+
+        f = FinetuneSettings()
+        if args.finetune_steps:
+            f.steps = args.finetune_steps
+        run_finetune(s, f, redo=set(args.redo))
     if args.readme:
         from launch.demo.run import REPO
         from launch.demo.report import update_readme

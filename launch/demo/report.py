@@ -166,6 +166,7 @@ def update_readme(out: Path, readme: Path, assets: Path) -> None:
         f"- Measured with {measured}" + ("" if drifted else " (the versions of requirements/cpu.lock)"),
         *[f"  - **Not the locked versions:** {w}" for w in drifted], "",
         f"![loss curves]({rel}/demo_loss_curves.png)",
+        *_finetune_lines(out, assets, rel),
         README_END])
     text = readme.read_text()
     if README_START in text:
@@ -173,3 +174,26 @@ def update_readme(out: Path, readme: Path, assets: Path) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     readme.write_text(text)
+
+
+def _finetune_lines(out: Path, assets: Path, rel: Path) -> list[str]:
+    """The `ldm demo --finetune` lines of the README block, when that phase group ran (finetune/report.json)."""
+    path = out / "finetune" / "report.json"
+    if not path.is_file():
+        return []
+    ft = json.loads(path.read_text())
+    for when in ("before", "after"):
+        shutil.copy(out / "finetune" / "samples" / when / "grid.png", assets / f"demo_finetune_{when}.png")
+    b, a, o = ft["new_color_before"], ft["new_color_after"], ft["old_colors_after"]
+    s = ft["settings"]
+    return [
+        "", f"Fine-tuning a color the model never saw (`ldm demo --finetune`): LoRA rank {s['rank']}, "
+        f"{s['steps']} steps from the export, {ft['train_seconds']:.0f} s of training:", "",
+        f"- {ft['color']} prompts ({a['n']} samples): color **{_pct(b['color'])} -> {_pct(a['color'])}** "
+        f"(all three attributes {_pct(b['all'])} -> {_pct(a['all'])})",
+        f"- the eight old colors after it ({o['n']} samples): color {_pct(o['color'])}, shape "
+        f"{_pct(o['shape'])}, background {_pct(o['background'])}",
+        "- What it aims at: the new color from near 0 to >= 90 %, the old ones stay >= 95 %, <= 3 minutes", "",
+        "| before | after |", "| --- | --- |",
+        f"| ![before]({rel}/demo_finetune_before.png) | ![after]({rel}/demo_finetune_after.png) |",
+    ]
