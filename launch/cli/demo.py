@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-images", type=int, default=None, help="synthetic training images (default 8000)")
     p.add_argument("--finetune", action="store_true",
                    help="then fine-tune the finished model on a new color with LoRA (before/after in the report)")
-    p.add_argument("--finetune-steps", type=int, default=None, help="LoRA steps of --finetune (default 400)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="LoRA steps of --finetune (default 700)")
     p.add_argument("--readme", action="store_true",
                    help="also rewrite the README's demo block (and docs/assets) from this run's report")
 

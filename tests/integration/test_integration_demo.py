@@ -197,3 +197,20 @@ def test_training_log_shows_mfu_peak_memory_and_data_counters(demo):
     print(f"demo stage two: FLOPs per step {windows[-1]['perf/flops_per_step']:.3e} = {ratio:.2f} x a forward; "
           f"MFU {windows[-1]['perf/mfu']:.1%} of {windows[-1]['perf/peak_tflops']:.3f} TFLOP/s measured")
     assert 2.5 < ratio < 3.1
+
+
+def test_demo_run_report_renders_in_headless_chromium(demo, tmp_path):
+    """`ldm report` of the demo's stage-two run (the page the runtime wrote at its last checkpoint) in a real
+    headless Chromium: not blank, every section present, the fixed-t validation plots among its images."""
+    import sys
+
+    sys.path.insert(0, str(H.REPO / "tests" / "report"))
+    from test_report_chromium import render_in_chromium
+
+    from launch.report.html import SECTIONS
+
+    page = demo["out"] / "runs" / "diffusion" / "report.html"
+    px, dom = render_in_chromium(page, tmp_path)
+    assert px.std() > 20, f"screenshot looks blank (pixel std {px.std():.2f})"
+    assert set(re.findall(r'<section id="([a-z_]+)"', dom)) == set(SECTIONS)
+    assert 'alt="per-t validation"' in dom and dom.count('src="data:image/png;base64,') >= 6

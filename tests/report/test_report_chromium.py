@@ -64,22 +64,27 @@ def test_report_content(tmp_path):
     assert s["step"] == 100 and abs(s["eta_s"] - 100 * 16 / 700) < 1e-9
 
 
-def test_report_in_headless_chromium(tmp_path):
+def render_in_chromium(page: Path, workdir: Path) -> tuple[np.ndarray, str]:
+    """(grey screenshot pixels at 1200 x 3000, the DOM Chromium built) of an HTML file, headless, offline."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "chromium is not installed: run `make chromium` (as root: apt-get install -y chromium)"
-    run = fake_run(tmp_path)
-    out = write_report(run)
-    shot = tmp_path / "shot.png"
+    shot = workdir / "shot.png"
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,3000", out.resolve().as_uri()],
+             f"--user-data-dir={workdir / 'profile'}"]
+    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,3000", page.resolve().as_uri()],
                    check=True, timeout=120, capture_output=True)
     px = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    dom = subprocess.run(flags + ["--dump-dom", page.resolve().as_uri()], check=True, timeout=120,
+                         capture_output=True, text=True).stdout
+    return px, dom
+
+
+def test_report_in_headless_chromium(tmp_path):
+    out = write_report(fake_run(tmp_path))
+    px, dom = render_in_chromium(out, tmp_path)
     assert px.shape == (3000, 1200)
     assert px.std() > 20, f"screenshot looks blank (pixel std {px.std():.2f})"
-    dom = subprocess.run(flags + ["--dump-dom", out.resolve().as_uri()], check=True, timeout=120,
-                         capture_output=True, text=True).stdout
     ids = set(re.findall(r'<section id="([a-z_]+)"', dom))
     assert ids == set(SECTIONS)
     assert dom.count("<img") == 10      # 8 plots (per t: two) + 2 sample grids, all data: URIs
