@@ -23,17 +23,9 @@ TIMEOUT_S = 20
 RUNTIME = [f"runtime.collective_timeout_s={TIMEOUT_S}"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _wait_gone(pid: int, limit: float) -> float:
     t0 = time.time()
-    while _alive(pid) and time.time() - t0 < limit:
+    while H.alive(pid) and time.time() - t0 < limit:
         time.sleep(0.05)
     return time.time() - t0
 
@@ -93,7 +85,7 @@ def test_sigstop_of_one_rank_ends_the_other_within_the_timeout(tmp_path):
         t_job = time.time() - t0
     finally:
         for p in pids.values():
-            if _alive(p):
+            if H.alive(p):
                 os.kill(p, signal.SIGKILL)
         if proc.poll() is None:
             H.kill_hard(proc)

@@ -96,14 +96,6 @@ import harness as H  # noqa: E402  (tests/conftest.py puts tests/runtime on the 
 TOY = ["train.micro_batch_size=4", "train.log_every=1", "optimizer.lr=0.01", "deepspeed.zero_stage=2"]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_kill9_of_the_launcher_alone_leaves_no_worker(tmp_path):
     run = tmp_path / "run"
     proc = H.start([str(run), *TOY, "train.max_steps=400", "train.checkpoint_every=5"], TOY_SLEEP_S="0.1")
@@ -112,9 +104,9 @@ def test_kill9_of_the_launcher_alone_leaves_no_worker(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)                 # torchrun's group only: the workers have their own sessions
     proc.wait()
     t0 = time.time()
-    while any(_alive(p) for p in pids) and time.time() - t0 < 30:
+    while any(H.alive(p) for p in pids) and time.time() - t0 < 30:
         time.sleep(0.2)
-    left = [p for p in pids if _alive(p)]
+    left = [p for p in pids if H.alive(p)]
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"workers {left} outlived their launcher by 30 s"

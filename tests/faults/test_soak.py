@@ -32,14 +32,6 @@ TIMEOUT_S = 10          # runtime.collective_timeout_s: its minimum, so the SIGS
 EVERY = 5               # train.checkpoint_every
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _workers(run: Path, dead: set[int], proc: subprocess.Popen, timeout: float = 240) -> dict[int, int]:
     """The pids of the current attempt's workers (pid files rewritten by each attempt)."""
     deadline = time.time() + timeout
@@ -48,7 +40,7 @@ def _workers(run: Path, dead: set[int], proc: subprocess.Popen, timeout: float =
             pids = {r: int((run / f"pid_rank{r}").read_text()) for r in (0, 1)}
         except (FileNotFoundError, ValueError):
             pids = {}
-        if len(pids) == 2 and not set(pids.values()) & dead and all(_alive(p) for p in pids.values()):
+        if len(pids) == 2 and not set(pids.values()) & dead and all(H.alive(p) for p in pids.values()):
             return pids
         assert proc.poll() is None, f"job ended (rc={proc.returncode}):\n{proc.stdout.read()[-4000:]}"
         time.sleep(0.05)
@@ -123,7 +115,7 @@ def _soak(tmp_path: Path, repo: Path, events: list[dict], max_steps: int) -> Non
             survivor = [p for p in pids.values() if p not in victims or e["kind"] == "stop"]
             if e["kind"] == "stop":
                 survivor = [pids[1 - e["rank"]]]
-            while any(_alive(p) for p in survivor) and time.time() - t0 < TIMEOUT_S + 60:
+            while any(H.alive(p) for p in survivor) and time.time() - t0 < TIMEOUT_S + 60:
                 time.sleep(0.05)
             took = time.time() - t0
             if e["kind"] == "stop":       # the survivor left on its own; wake the stopped one for torchrun's SIGTERM
