@@ -3,7 +3,8 @@
 - FLOPs: one micro-step (forward + backward through the engines, as trained) is counted once by torch's
   FlopCounterMode, the first time the loop asks; a step is that times the accumulation steps. Counting is
   a dispatch mode: it slows only that one micro-step and counts what really ran (attention through SDPA,
-  convolutions, the frozen text tower when it runs online), not a model-side formula. A micro-step that
+  convolutions, the frozen text tower when it runs online), not a model-side formula; a resumed start
+  reuses the logged count (see `resume_from`: counting must not touch a resumed step). A micro-step that
   did not reach its backward (a skipped non-finite one) is not kept. Off under `train.compile` (the mode
   would run the uncompiled graph) and with `logging.mfu: false`.
 - Peak: a matmul in the run's compute dtype, timed at start on this device (the best of a few). MFU is
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -70,6 +72,18 @@ class ThroughputMeter:
         return cls(device, dtype, cfg.train.grad_accum_steps, (cfg.logging.peak_tflops or 0) * 1e12,
                    count=cfg.logging.mfu and not cfg.train.compile)
 
+    def resume_from(self, metrics: Path) -> None:
+        """A resumed start takes the count its run logged instead of counting again: FlopCounterMode routes
+        some ops through other kernels (last-bit differences), and the step it would count must stay
+        bit-equal to the uninterrupted run's. Without a logged count this start reports no MFU."""
+        self.count = False
+        try:
+            for line in metrics.read_text().splitlines():
+                if '"perf/flops_per_micro_step"' in line:
+                    self.micro_flops = float(json.loads(line)["perf/flops_per_micro_step"])
+        except (OSError, ValueError, KeyError):
+            pass
+
     @contextlib.contextmanager
     def count_once(self) -> Iterator[dict]:
         """Wrap one micro-step (forward + backward): counted the first time, a no-op after. The caller sets
@@ -114,5 +128,6 @@ class ThroughputMeter:
         if self.step_flops is not None and steps > 0 and seconds > 0 and self.peak_flops > 0:
             achieved = self.step_flops * steps / seconds
             out.update({"perf/tflops_per_s": achieved / 1e12, "perf/mfu": achieved / self.peak_flops,
-                        "perf/peak_tflops": self.peak_flops / 1e12, "perf/flops_per_step": self.step_flops})
+                        "perf/peak_tflops": self.peak_flops / 1e12, "perf/flops_per_step": self.step_flops,
+                        "perf/flops_per_micro_step": self.micro_flops})
         return out

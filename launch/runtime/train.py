@@ -180,6 +180,7 @@ class Trainer:
         step = 0
         if tag is not None:
             step = resume(self, tag)
+            self.meter.resume_from(self.run_dir / "metrics.jsonl")   # never count after resume
         else:
             seed_everything(cfg.train.seed * 1_000_003 + env.rank + 1)  # per-rank noise / dropout streams
         self.last_saved_step = step if tag is not None else -1
