@@ -8,12 +8,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from safetensors.torch import save_file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from launch.runtime import dist as D
 from launch.runtime import stages
 from launch.runtime.config import load_config
 from launch.runtime.train import Trainer, seed_everything
+from final_weights import save_final_weights  # noqa: E402  (tests/runtime)
 
 
 def main() -> int:
@@ -28,13 +29,7 @@ def main() -> int:
         trainer = Trainer(cfg, env, stage, train, val, stages.eval_module_factory(cfg),
                           stats_data=stages.stats_data_factory(cfg))
         result = trainer.run()
-        live = trainer.full_main_state(use_ema=False)            # collective under ZeRO-3
-        ema = trainer.full_main_state(use_ema=True) if trainer.ema is not None else None
-        if env.is_main:
-            out = Path(cfg.run_dir)
-            save_file({k: v.contiguous() for k, v in live.items()}, str(out / "inproc_live.safetensors"))
-            if ema is not None:
-                save_file({k: v.contiguous() for k, v in ema.items()}, str(out / "inproc_ema.safetensors"))
+        save_final_weights(trainer, cfg.run_dir, "inproc")
         return result.exit_code
     finally:
         if trainer is not None:

@@ -16,6 +16,7 @@ from launch.runtime import dist as D  # noqa: E402
 from launch.runtime.config import load_config  # noqa: E402
 from launch.runtime.configio import dump_yaml  # noqa: E402
 from launch.runtime.train import Trainer, seed_everything  # noqa: E402
+from final_weights import save_final_weights  # noqa: E402
 from toy import ToyData, ToyStage  # noqa: E402
 
 
@@ -39,11 +40,7 @@ def main(argv: list[str]) -> int:
         (Path(cfg.run_dir) / f"pid_rank{env.rank}").write_text(str(os.getpid()))
         result = trainer.run()
         if result.status == "completed":   # final live weights, gathered, for bit-equality checks
-            from safetensors.torch import save_file
-
-            live = trainer.full_main_state(use_ema=False)
-            if env.is_main:
-                save_file({k: v.contiguous() for k, v in live.items()}, str(Path(cfg.run_dir) / "final_live.safetensors"))
+            save_final_weights(trainer, cfg.run_dir, ema=False)
         return result.exit_code
     finally:
         if trainer is not None:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from safetensors.torch import save_file  # noqa: E402
 
 from launch.runtime import dist as D  # noqa: E402
 from launch.runtime.config import load_config  # noqa: E402
 from launch.runtime.train import Trainer, seed_everything  # noqa: E402
+from final_weights import save_final_weights  # noqa: E402
 from toy_quality import FlowStage, LatentData, held_out  # noqa: E402
 
 
@@ -29,16 +29,11 @@ def main() -> int:
         data = LatentData(cfg.train.seed, env.rank, cfg.train.micro_batch_size)
         trainer = Trainer(cfg, env, stage, data, held_out(env.rank), eval_module_factory=lambda: FlowStage().denoiser)
         result = trainer.run()
-        live = trainer.full_main_state(use_ema=False)
-        ema = trainer.full_main_state(use_ema=True) if trainer.ema is not None else None
+        save_final_weights(trainer, run_dir, write=result.status == "completed")
         if trainer.validator is not None:
             twice = [trainer.validator.evaluate(trainer.engines, trainer.ema) for _ in range(2)]
             (Path(run_dir) / f"val_rank{env.rank}.json").write_text(json.dumps(
                 {"twice": twice, "digest": trainer.validator.digest()}))
-        if env.is_main and result.status == "completed":
-            save_file({k: v.contiguous() for k, v in live.items()}, str(Path(run_dir) / "final_live.safetensors"))
-            if ema is not None:
-                save_file({k: v.contiguous() for k, v in ema.items()}, str(Path(run_dir) / "final_ema.safetensors"))
         return result.exit_code
     finally:
         if trainer is not None:

@@ -9,11 +9,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 from launch.runtime import dist as D  # noqa: E402
 from launch.runtime.config import load_config  # noqa: E402
 from launch.runtime.train import Trainer, seed_everything  # noqa: E402
+from final_weights import save_final_weights  # noqa: E402
 from toy import ToyData, ToyStage  # noqa: E402
 
 
@@ -35,12 +35,7 @@ def main() -> int:
         (Path(run_dir) / f"optim_bytes_rank{env.rank}.json").write_text(
             __import__("json").dumps({"bytes": optimizer_state_bytes(trainer.main), "status": result.status,
                                       "exit_code": result.exit_code}))
-        live = trainer.full_main_state(use_ema=False)
-        ema = trainer.full_main_state(use_ema=True) if trainer.ema is not None else None
-        if env.is_main and result.status == "completed":
-            save_file({k: v.contiguous() for k, v in live.items()}, str(Path(run_dir) / "final_live.safetensors"))
-            if ema is not None:
-                save_file({k: v.contiguous() for k, v in ema.items()}, str(Path(run_dir) / "final_ema.safetensors"))
+        save_final_weights(trainer, run_dir, write=result.status == "completed")
         return result.exit_code
     finally:
         if trainer is not None:
