@@ -15,11 +15,10 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -63,6 +62,7 @@ class ThroughputMeter:
         self.device, self.gas, self.count = device, grad_accum_steps, count
         self.peak_flops = peak_flops if peak_flops else (matmul_peak_flops(device, compute_dtype) if count else 0.0)
         self.micro_flops: Optional[float] = None
+        self._counter = None
         self._reset_memory()
 
     @classmethod
@@ -84,20 +84,21 @@ class ThroughputMeter:
         except (OSError, ValueError, KeyError):
             pass
 
-    @contextlib.contextmanager
-    def count_once(self) -> Iterator[dict]:
-        """Wrap one micro-step (forward + backward): counted the first time, a no-op after. The caller sets
-        `done["backward"] = True` on the yielded dict once the backward ran; otherwise the count is dropped."""
-        done: dict = {"backward": False}
-        if self.micro_flops is not None or not self.count:
-            yield done
-            return
-        from torch.utils.flop_counter import FlopCounterMode
+    def start_count(self) -> None:
+        """Before the first micro-step's forward (a no-op once counted, after resume, or when off)."""
+        if self.micro_flops is None and self.count and self._counter is None:
+            from torch.utils.flop_counter import FlopCounterMode
 
-        with FlopCounterMode(display=False) as counter:
-            yield done
-        if done["backward"]:
-            self.micro_flops = float(counter.get_total_flops())
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+
+    def stop_count(self, backward_ran: bool) -> None:
+        """After that micro-step's backward; a micro-step that never reached it (non-finite) is not kept."""
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            if backward_ran:
+                self.micro_flops = float(self._counter.get_total_flops())
+            self._counter = None
 
     @property
     def step_flops(self) -> Optional[float]:

@@ -286,8 +286,8 @@ class Trainer:
                 batch = to_device(next(data_iter), env.device)
                 losses: dict = {}
                 logs: dict = {}
-                counting = self.meter.count_once() if micro == 0 else contextlib.nullcontext({})
-                counted = counting.__enter__()      # FLOPs of forward + backward, once (throughput.py)
+                if micro == 0:
+                    self.meter.start_count()        # FLOPs of forward + backward, once (throughput.py)
                 if not poisoned:
                     with autocast:
                         losses, logs = self.stage.training_step(self.engines, batch, step)
@@ -299,7 +299,7 @@ class Trainer:
                 stop_seen = stop_seen or flags[1] > 0
                 if flags[0] > 0:
                     poisoned = True
-                    counting.__exit__(None, None, None)
+                    self.meter.stop_count(backward_ran=False)
                     continue
                 for name, loss in losses.items():
                     engine = self.engines[name]
@@ -309,8 +309,7 @@ class Trainer:
                         backwarded.append(name)
                     if not boundary:
                         engine.step()
-                counted["backward"] = bool(losses)
-                counting.__exit__(None, None, None)
+                self.meter.stop_count(backward_ran=bool(losses))
                 self.window.add({("loss" if n == self.stage.main_module else f"loss/{n}"): l
                                  for n, l in losses.items()})
                 self.window.add(logs)

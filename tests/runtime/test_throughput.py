@@ -12,21 +12,22 @@ def test_counted_micro_step_equals_the_analytic_flops_and_mfu_follows():
     net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32))
     x = torch.randn(16, 64)
     meter = ThroughputMeter(torch.device("cpu"), torch.float32, grad_accum_steps=3, peak_flops=1e12)
-    with meter.count_once() as done:       # a micro-step that stops before its backward is not kept
-        net(x).square().mean()
+    meter.start_count()                    # a micro-step that stops before its backward is not kept
+    net(x).square().mean()
+    meter.stop_count(backward_ran=False)
     assert meter.micro_flops is None
-    with meter.count_once() as done:
-        net(x).square().mean().backward()
-        done["backward"] = True
+    meter.start_count()
+    net(x).square().mean().backward()
+    meter.stop_count(backward_ran=True)
     # forward 2*B*(64*128 + 128*32); backward twice that (grad of input and of weight; the first layer's
     # input needs no grad, so its backward is one matmul)
     fwd = 2 * 16 * (64 * 128 + 128 * 32)
     bwd = 2 * 16 * 64 * 128 + 2 * (2 * 16 * 128 * 32)
     assert meter.micro_flops == fwd + bwd
     assert meter.step_flops == 3 * (fwd + bwd)
-    with meter.count_once() as done:         # counted once: later micro-steps are not counted again
-        net(x).sum().backward()
-        done["backward"] = True
+    meter.start_count()                      # counted once: later micro-steps are not counted again
+    net(x).sum().backward()
+    meter.stop_count(backward_ran=True)
     assert meter.micro_flops == fwd + bwd
     rec = meter.window(steps=10, seconds=2.0)
     assert abs(rec["perf/tflops_per_s"] - 3 * (fwd + bwd) * 10 / 2.0 / 1e12) < 1e-18
