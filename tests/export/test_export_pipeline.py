@@ -14,17 +14,33 @@ diffusers = pytest.importorskip("diffusers")
 PROMPTS = ["a red circle on a blue background", "a white square on a black background"]
 
 
-@pytest.fixture(scope="module")
-def pipeline_export(synth_data, ae_export, tmp_path_factory):
-    """A 3-step unet-small run with no text mask and no latent shift (what StableDiffusionPipeline can express)."""
-    run = tmp_path_factory.mktemp("runs") / "unet_pipe"
+def _pipeline_export(name, synth_data, ae_export, tmp_path_factory, *overrides):
+    """A 3-step unet-small run with no text mask and no latent shift (what StableDiffusionPipeline can
+    express), exported with --format diffusers."""
+    run = tmp_path_factory.mktemp("runs") / name
     run_job(["configs/ldm/unet-small.yaml", f"run_dir={run}", f"data.urls={synth_data}/00000.tar",
              "data.image_size=32", f"latents.autoencoder={ae_export}", "train.max_steps=3",
-             "conditioning.use_text_mask=false", "latents.shift_factor=0", *RUN_FLAGS], nproc=1)
-    out = tmp_path_factory.mktemp("exports") / "pipe"
+             "conditioning.use_text_mask=false", "latents.shift_factor=0", *overrides, *RUN_FLAGS], nproc=1)
+    out = tmp_path_factory.mktemp("exports") / name
     rc, stdout, err = cli("export", run, out, "--format", "diffusers")
     assert rc == 0, err
     return out
+
+
+def _ours_and_theirs(stage, pipe, steps: int, scale: float):
+    """Images of our sampler and of the pipeline from the same initial noise (seed 7), in [0, 1]."""
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    z = stage.generate(stage.denoiser, {"caption": PROMPTS}, seed=7, cfg_scale=scale, steps=steps)
+    ours = ((stage.decode(z) + 1) / 2).clamp(0, 1)
+    with torch.no_grad():
+        theirs = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=scale, latents=noise.clone(), height=32,
+                      width=32, output_type="pt").images
+    return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def pipeline_export(synth_data, ae_export, tmp_path_factory):
+    return _pipeline_export("unet_pipe", synth_data, ae_export, tmp_path_factory)
 
 
 def test_pipeline_loads_and_matches_our_sampler(pipeline_export):
@@ -49,13 +65,7 @@ def test_pipeline_loads_and_matches_our_sampler(pipeline_export):
     ours = stage.condition({"caption": PROMPTS})["context"]
     text_diff = float((hidden - ours).abs().max())
 
-    steps, scale = 10, 3.0
-    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(7))
-    z = stage.generate(stage.denoiser, {"caption": PROMPTS}, seed=7, cfg_scale=scale, steps=steps)
-    ours_img = ((stage.decode(z) + 1) / 2).clamp(0, 1)
-    with torch.no_grad():
-        theirs = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=scale, latents=noise.clone(), height=32,
-                      width=32, output_type="pt").images
+    ours_img, theirs = _ours_and_theirs(stage, pipe, steps=10, scale=3.0)
     img_diff = float((theirs - ours_img).abs().max())
     print(f"text hidden max|diff| {text_diff:.2e}; image max|diff| {img_diff:.2e} "
           f"(mean {float((theirs - ours_img).abs().mean()):.2e}); image std {float(theirs.std()):.3f}")
@@ -81,15 +91,8 @@ def test_pipeline_notices_name_what_cannot_be_expressed():
 @pytest.fixture(scope="module")
 def flow_pipeline_export(synth_data, ae_export, tmp_path_factory):
     """A flow-matching unet-small (the demo's objective) as a StableDiffusionPipeline."""
-    run = tmp_path_factory.mktemp("runs") / "unet_flow_pipe"
-    run_job(["configs/ldm/unet-small.yaml", f"run_dir={run}", f"data.urls={synth_data}/00000.tar",
-             "data.image_size=32", f"latents.autoencoder={ae_export}", "train.max_steps=3", "objective.kind=flow",
-             "conditioning.use_text_mask=false", "latents.shift_factor=0", "sampling.sampler=euler", *RUN_FLAGS],
-            nproc=1)
-    out = tmp_path_factory.mktemp("exports") / "flow_pipe"
-    rc, stdout, err = cli("export", run, out, "--format", "diffusers")
-    assert rc == 0, err
-    return out
+    return _pipeline_export("unet_flow_pipe", synth_data, ae_export, tmp_path_factory, "objective.kind=flow",
+                            "sampling.sampler=euler")
 
 
 def test_flow_unet_pipeline_runs_and_first_order_equals_our_euler(flow_pipeline_export):
@@ -111,14 +114,8 @@ def test_flow_unet_pipeline_runs_and_first_order_equals_our_euler(flow_pipeline_
     assert default.shape == (2, 3, 32, 32) and float(default.std()) > 1e-3
 
     stage, _ = load_pipeline(out)
-    steps, scale = 6, 3.0
-    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(7))
-    z = stage.generate(stage.denoiser, {"caption": PROMPTS}, seed=7, cfg_scale=scale, steps=steps)
-    ours = ((stage.decode(z) + 1) / 2).clamp(0, 1)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, solver_order=1)
-    with torch.no_grad():
-        theirs = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=scale, latents=noise.clone(), height=32,
-                      width=32, output_type="pt").images
+    ours, theirs = _ours_and_theirs(stage, pipe, steps=6, scale=3.0)
     diff = float((theirs - ours).abs().max())
     print(f"flow UNet pipeline (DPM-Solver++ order 1) vs our Euler: image max|diff| {diff:.2e}; "
           f"timesteps {pipe.scheduler.timesteps.tolist()}")
