@@ -40,7 +40,9 @@ def run(args) -> int:
     names = [n for n in BENCHMARKS if n not in ("peak", "profile", "report")] + ["report"] if args.name == "all" else [args.name]
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
-        rc = int(module.main(list(args.rest)) or 0)
+        # `all` forwards its arguments (--json, --quick) to the measurements; the report reads their files
+        rest = [] if args.name == "all" and name == "report" else list(args.rest)
+        rc = int(module.main(rest) or 0)
         if rc:
             return rc
     return 0
