@@ -13,13 +13,20 @@ phases (their inputs unchanged); --redo PHASE (or all) runs them again.
 
 Phases: data stage1 export1 recon precompute stage2 export2 sample adherence report
 
+--tier compositional runs the same phases on one to three objects per image (pairs, counts, positions;
+held-out compositions) and scores GenEval's tasks from the pixels (launch/demo/compositional.py); its
+default output folder is demo_out_compositional.
+
 --finetune then teaches the finished model a color it never saw (pink) with LoRA, judges samples before
 and after, and adds the section to OUT/report.md (phases ft_*, launch/demo/finetune.py).
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default demo_out, or demo_out_compositional for --tier compositional)")
+    p.add_argument("--tier", choices=["shapes", "compositional"], default="shapes",
+                   help="shapes: one shape per image (default); compositional: one to three objects, GenEval tasks")
     p.add_argument("--redo", action="append", default=[], metavar="PHASE",
                    help="run this phase again even if done (repeatable; 'all' for everything)")
     p.add_argument("--stage1", nargs="*", default=[], metavar="key=value", help="overrides for stage one")
@@ -33,9 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from launch.demo.run import DemoSettings, run_demo
+    from launch.demo.run import DemoSettings, run_demo, tier_of
 
-    s = DemoSettings(out=Path(args.out), overrides_stage1=list(args.stage1), overrides_stage2=list(args.stage2))
+    if args.finetune and args.tier != "shapes":
+        raise SystemExit("ldm demo: --finetune teaches the shapes tier's model a new color; drop --tier "
+                         f"{args.tier} or --finetune")
+    out = Path(args.out or ("demo_out" if args.tier == "shapes" else f"demo_out_{args.tier}"))
+    s = DemoSettings.for_tier(args.tier, out, overrides_stage1=list(args.stage1),
+                              overrides_stage2=list(args.stage2))
     if args.train_images:
         s.train_images = args.train_images
     run_demo(s, redo=set(args.redo))
@@ -48,7 +60,6 @@ def run(args) -> int:
         run_finetune(s, f, redo=set(args.redo))
     if args.readme:
         from launch.demo.run import REPO
-        from launch.demo.report import update_readme
 
-        update_readme(s.out.resolve(), REPO / "README.md", REPO / "docs" / "assets")
+        tier_of(s).update_readme(s.out.resolve(), REPO / "README.md", REPO / "docs" / "assets")
     return 0

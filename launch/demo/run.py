@@ -1,7 +1,10 @@
 """`ldm demo`: the whole system end to end on embedded synthetic data, on a laptop-class CPU.
 
+The data, the prompts scored and the judge come from a tier: shapes (launch/demo/shapes.py, one shape per
+image, the default) or compositional (launch/demo/compositional.py, one to three objects, GenEval's tasks).
+
 Phases (each one's outputs are reused by a second run unless `--redo` names it):
-  data        captioned-shapes shards: train (without the held-out triples), val, held-out
+  data        the tier's captioned shards: train (without the held-out compositions), val, held-out
   stage1      `ldm train configs/demo/autoencoder.yaml` (DeepSpeed, checkpoints, metrics)
   export1     the autoencoder export (weights + latent scaling_factor / shift_factor)
   recon       reconstruction PSNR / SSIM on held-out images (never trained on)
@@ -9,8 +12,8 @@ Phases (each one's outputs are reused by a second run unless `--redo` names it):
   stage2      `ldm train configs/demo/diffusion.yaml` (flow matching, CFG dropout, EMA; fixed-t validation loss
               on the val latents every VAL_EVERY steps, in metrics.jsonl and RUN_DIR/report.html)
   export2     the stage-two export: OUT/export/
-  sample      a grid for a fixed prompt list, and every triple (held-out ones included) for scoring
-  adherence   color / shape / background judged from the pixels, held-out triples reported apart
+  sample      a grid for a fixed prompt list, and the tier's prompts for scoring (held-out ones included)
+  adherence   the tier's judge, from the pixels, held-out compositions reported apart
   report      OUT/report.md (+ report.json): grids, loss curves, numbers, timings per phase
 
 Training runs as `python -m launch train ...` in a subprocess, exactly as a user would start it.
@@ -24,7 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -37,8 +40,6 @@ REPO = Path(__file__).resolve().parents[2]
 # (~20 s, ~3 % of the demo); two batches would double that.
 VAL_EVERY = 100
 VAL_BATCHES = 1
-COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
-SHAPES = ("circle", "square", "triangle")
 
 
 @dataclass
@@ -57,6 +58,19 @@ class DemoSettings:
     overrides_stage1: list[str] = field(default_factory=list)
     overrides_stage2: list[str] = field(default_factory=list)
     threads: int = max(1, os.cpu_count() or 1)
+    tier: str = "shapes"                   # shapes (launch/demo/shapes.py) | compositional (compositional.py)
+    tier_options: dict = field(default_factory=dict)   # keywords of the tier's class (e.g. how many prompts to score)
+
+    @classmethod
+    def for_tier(cls, tier: str, out: Path, **kw) -> "DemoSettings":
+        """The settings of a tier: its image size, data counts and configs, then the caller's keywords."""
+        if tier == "shapes":
+            return cls(out=out, **kw)
+        if tier == "compositional":
+            from .compositional import SETTINGS
+
+            return cls(out=out, tier=tier, **{**SETTINGS, **kw})
+        raise ValueError(f"demo tier {tier!r}: one of shapes, compositional")
 
     @property
     def holdout(self) -> tuple[tuple[str, str, str], ...]:
@@ -144,6 +158,17 @@ def _has_cuda() -> bool:
 
 # ----------------------------------------------------------------------------- the demo
 
+def tier_of(s: DemoSettings):
+    """The tier object that writes the data, names the prompts, judges the samples and writes the report."""
+    if s.tier == "compositional":
+        from .compositional import CompositionalTier
+
+        return CompositionalTier(**s.tier_options)
+    from .shapes import ShapesTier
+
+    return ShapesTier(**s.tier_options)
+
+
 def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str], None] | None = None) -> dict:
     import torch
 
@@ -152,26 +177,14 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
     out = s.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     data, runs = out / "data", out / "runs"
-    estimates = {"data": 20, "stage1": 225, "export1": 5, "recon": 5, "precompute": 20, "stage2": 270,
-                 "export2": 5, "sample": 25, "adherence": 5, "report": 5}
-    ph = Phases(out, redo or set(), estimates, log)
-    holdout = [":".join(t) for t in s.holdout]
+    tier = tier_of(s)
+    ph = Phases(out, redo or set(), dict(tier.estimates), log)
 
-    # 1. data
-    def make_data() -> dict:
-        from data_pipeline.synthetic import write_synthetic
-
-        for sub in ("train", "val", "holdout"):
-            shutil.rmtree(data / sub, ignore_errors=True)
-        a = write_synthetic(data / "train", s.train_images, size=s.image_size, seed=s.seed, shard_size=s.shard_size,
-                            exclude=holdout)
-        b = write_synthetic(data / "val", s.val_images, size=s.image_size, seed=s.seed + 1,
-                            shard_size=s.val_images, exclude=holdout)
-        c = write_synthetic(data / "holdout", s.holdout_images, size=s.image_size, seed=s.seed + 2,
-                            shard_size=s.holdout_images, only=holdout)
-        return {"train": a["samples"], "val": b["samples"], "holdout": c["samples"]}
-    counts = ph.run("data", "synthetic captioned shapes", _fingerprint(s.image_size, s.train_images, s.val_images,
-                                                                       s.holdout_images, s.seed, holdout), make_data)
+    # 1. data: train (without the held-out compositions), val, and held-out images
+    counts = ph.run("data", f"synthetic captioned {tier.name} data",
+                    _fingerprint(s.image_size, s.train_images, s.val_images, s.holdout_images, s.seed,
+                                 *tier.key(s)),
+                    lambda: tier.write_data(data, s))
 
     # 2. stage one
     ae_run = runs / "autoencoder"
@@ -245,16 +258,8 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
         return json.loads((export / "config.json").read_text())
     ph.run("export2", "export stage two to OUT/export", fp2, export2)
 
-    # 8. samples: a grid of fixed prompts, and every triple for scoring
+    # 8. samples: a grid of fixed prompts, and the tier's prompts for scoring
     samples = out / "samples"
-    grid_prompts = [f"a {c} {sh} on a {b} background" for c, sh, b in
-                    [("red", "circle", "blue"), ("green", "square", "white"), ("yellow", "triangle", "purple"),
-                     ("blue", "triangle", "yellow"), ("white", "circle", "black"), ("orange", "square", "green"),
-                     ("purple", "circle", "orange"), ("black", "triangle", "red")]]
-    all_triples = [(c, sh, b) for c in COLORS for sh in SHAPES for b in COLORS if b != c]
-    score_prompts = [f"a {c} {sh} on a {b} background" for c, sh, b in all_triples]
-    extra = max(0, s.holdout_samples_per_triple - s.samples_per_triple)
-    holdout_prompts = [f"a {c} {sh} on a {b} background" for c, sh, b in s.holdout]
 
     def sample() -> dict:
         from launch.runtime.exportdir import load_pipeline
@@ -262,35 +267,20 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
 
         shutil.rmtree(samples, ignore_errors=True)
         pipeline = load_pipeline(export, "cpu")
-        grid = sample_export(export, grid_prompts, samples / "grid", num=4, seed=s.seed, batch_size=32,
-                             grid=samples / "grid.png", pipeline=pipeline, progress=True)
-        scored = sample_export(export, score_prompts, samples / "scored", num=s.samples_per_triple,
-                               seed=s.seed + 1, batch_size=128, pipeline=pipeline, progress=True)
-        if extra:   # more samples of the held-out triples, so their accuracy is not read off 6 images
-            sample_export(export, holdout_prompts, samples / "scored_holdout", num=extra, seed=s.seed + 2,
-                          batch_size=128, pipeline=pipeline, progress=True)
-        return {"grid": grid, "scored": scored}
+        result = {"grid": sample_export(export, tier.grid_prompts(s), samples / "grid", num=4, seed=s.seed,
+                                        batch_size=32, grid=samples / "grid.png", pipeline=pipeline, progress=True)}
+        for sub, prompts, num, seed in tier.score_sets(s):
+            result[sub] = sample_export(export, prompts, samples / sub, num=num, seed=seed, batch_size=128,
+                                        pipeline=pipeline, progress=True)
+        return result
     ph.run("sample", "sample from the EMA weights with CFG", fp2, sample)
 
-    # 9. adherence
-    def adherence() -> dict:
-        from launch.evaluate.adherence import evaluate_dir
-
-        prompts = {}
-        for sub in ("scored", "scored_holdout"):
-            if (samples / sub / "prompts.json").is_file():
-                prompts.update({f"{sub}/{k}": v for k, v in json.loads((samples / sub / "prompts.json").read_text()).items()})
-        report = evaluate_dir(samples, holdout=holdout, prompts=prompts)
-        report.pop("per_triple", None)
-        return report
-    adh = ph.run("adherence", "prompt adherence judged from pixels", fp2, adherence)
+    # 9. adherence, judged from the pixels
+    judged = ph.run("adherence", "prompt adherence judged from pixels", fp2, lambda: tier.judge(samples, s))
 
     # 10. report
-    def report() -> dict:
-        from .report import write_report
-
-        return write_report(out, ph.timings, counts=counts, recon=recon_result, adherence=adh,
-                            ae_config=ae_cfg, holdout=holdout, settings=asdict(s))
-    result = ph.run("report", "write OUT/report.md", _fingerprint(time.time()), report)
+    result = ph.run("report", "write OUT/report.md", _fingerprint(time.time()),
+                    lambda: tier.write_report(out, ph.timings, counts=counts, recon=recon_result, judged=judged,
+                                              ae_config=ae_cfg, settings=s))
     log(f"[demo] done in {time.time() - ph.t0:.0f} s: {out / 'report.md'}")
     return result
