@@ -40,6 +40,11 @@ SECTIONS = {
     "sampler": ("Sampler cost at equal quality (2-D mixture)",
                 "Fewest steps reaching 1.25 x the sliced W2 of an accurate ODE solve of the same model.",
                 "ldm bench sampler"),
+    "quality": ("Recipe table: GenEval-style scores on the compositional tier, equal compute per row",
+                "Stage two trained from the same latents of `ldm demo --tier compositional`, equal training FLOPs "
+                "per row (the reference: the demo's recipe), the same sampler and captions; scores judged from the "
+                "pixels (percent), held-out compositions apart. A CPU-sized version of the SD3 paper's comparison.",
+                "ldm bench quality"),
     "zero": ("ZeRO memory per rank (2 ranks)", "Measured from live DeepSpeed engines after one step, beside "
              "DeepSpeed's own estimator.", "ldm bench zero"),
 }

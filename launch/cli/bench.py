@@ -15,6 +15,7 @@ BENCHMARKS = {
     "zero": "bench.zero_memory",        # per-rank bytes for ZeRO 0-3 vs DeepSpeed's estimator
     "peak": "bench.peak",               # measured matmul peak (the MFU denominator)
     "profile": "bench.profile_step",    # torch.profiler tables of one training step, ours and the peer
+    "quality": "bench.quality",         # recipe table on the compositional tier, equal FLOPs per row (slow)
     "report": "bench.report",           # README "Performance" block from bench/results/*.json
 }
 DESCRIPTION = HELP + """
@@ -26,6 +27,7 @@ alternating A B A B, so ratios survive some noise, but absolute img/s do not.
   ldm bench train --quick           # tiny models, seconds (what the tests run)
   ldm bench train --cuda            # bf16, flash SDPA, torch.compile, channels_last (needs a GPU)
   bench/gpu.sh [--dry-run]          # the prepared GPU run (<= 8 min): SD-UNet + DiT-XL/2, ZeRO-2 vs ldm plan
+  ldm bench quality                 # the recipe table (UNet / DiT / MMDiT, eps / v / flow), tens of minutes
   ldm bench report                  # rewrite the README Performance block from bench/results
   ldm bench all                     # every benchmark, then the report
 """
@@ -37,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    names = [n for n in BENCHMARKS if n not in ("peak", "profile", "report")] + ["report"] if args.name == "all" else [args.name]
+    names = [n for n in BENCHMARKS if n not in ("peak", "profile", "quality", "report")] + ["report"] if args.name == "all" else [args.name]
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
         # `all` forwards its arguments (--json, --quick) to the measurements; the report reads their files

@@ -1,0 +1,57 @@
+"""`ldm bench quality --quick`: the recipe table end to end at toy size. The compositional demo's phases run
+once, each row trains its own stage two through the real runtime with steps set for equal training FLOPs,
+samples the same captions and is judged; the table lands in the result files and the README block."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import quality
+from bench.report import render
+
+
+@pytest.fixture()
+def results(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_BENCH_RESULTS", str(tmp_path / "results"))
+    return tmp_path / "results"
+
+
+def test_equal_flops_per_row_and_every_row_judged(tmp_path, results):
+    rc = quality.main(["--quick", "--demo", str(tmp_path / "demo"), "--rows", "unet-flow-ln,unet-eps,mmdit-flow-ln",
+                       "--steps", "6", "--seen", "8", "--held-out", "4"])
+    assert rc == 0
+    result = json.loads((results / "quality_quick.json").read_text())
+    rows = {r["row"]: r for r in result["rows"]}
+    assert list(rows) == ["unet-flow-ln", "unet-eps", "mmdit-flow-ln"]
+    ref = rows["unet-flow-ln"]
+    assert ref["steps"] == 6 and ref["final_step"] == 6
+    # the objective does not change the network: same FLOPs, same steps; another network gets its own count
+    assert rows["unet-eps"]["gflop_per_sample"] == pytest.approx(ref["gflop_per_sample"], rel=1e-9)
+    assert rows["unet-eps"]["steps"] == 6
+    mm = rows["mmdit-flow-ln"]
+    assert mm["gflop_per_sample"] != pytest.approx(ref["gflop_per_sample"], rel=0.05)
+    assert mm["train_gflop"] == pytest.approx(ref["train_gflop"], rel=0.5 / min(mm["steps"], 6) + 1e-6)
+    assert mm["final_step"] == mm["steps"]
+    for r in rows.values():
+        assert 0.0 <= r["overall"] <= 1.0 and 0.0 <= r["held_out"] <= 1.0 and r["params"] > 0
+        assert set(r["tasks"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    table = (results / "quality_quick.md").read_text()
+    assert "mmdit-flow-ln" in table and "held-out" in table
+
+
+def test_unknown_row_is_refused_before_any_compute(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        quality.main(["--demo", str(tmp_path / "demo"), "--rows", "unet-flow-ln,gan"])
+    err = capsys.readouterr().err
+    assert "gan" in err and "mmdit-flow-ln" in err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_readme_block_shows_the_full_table_only(tmp_path):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    assert "Not measured yet: run `ldm bench quality`" in render(folder)
+    (folder / "quality.json").write_text(json.dumps({"rows": [], "host": {"threads": 2}}))
+    (folder / "quality.md").write_text("| row |\n| --- |\n| unet-flow-ln |\n")
+    assert "| unet-flow-ln |" in render(folder) and "equal compute per row" in render(folder)
