@@ -76,7 +76,9 @@ def memory_for(desc: Description, zero_stage: int, world: int, micro: int, grad_
     z = desc.ds_zero
     states = zero_model_states(desc.params, zero_stage, world, desc.precision, desc.ema,
                                int(z.get("reduce_bucket_size", 50_000_000)),
-                               int(z.get("stage3_max_reuse_distance", DS_DEFAULT_REUSE_DISTANCE)))
+                               int(z.get("stage3_max_reuse_distance", DS_DEFAULT_REUSE_DISTANCE)),
+                               bool(z.get("overlap_comm", False)), bool(z.get("contiguous_gradients", True)),
+                               desc.comm_dtype)
     fz = desc.frozen
     frozen = frozen_bytes(fz)
     act_sample = desc.forward[checkpointing].peak_bytes

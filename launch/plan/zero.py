@@ -23,6 +23,19 @@ ZeRO optimizers keep an fp32 master partition even when the weights are fp32 alr
   backward: w * min(P - P_pers, R/2 + largest layer). bf16 autocast caches a bf16 copy of every
   weight during the forward pass, which backward keeps: 2 P. The optimizer step allocates about one
   fp32 tensor of the optimizer's (partition) size (torch AdamW's foreach denominator).
+  Gradient reduction (B = reduce_bucket_size elements, c bytes per element of communication_data_type;
+  DeepSpeed 0.19's stage_1_and_2.py and engine.py): ZeRO-1/2 stage gradients in reduce (ipg) buckets,
+  g B each (two with overlap_comm, none without contiguous_gradients), allocated at full size by the
+  first gradient hook of a backward and freed by the reduction epilogue (_release_ipg_buffers): after
+  every backward under ZeRO-2, only at the boundary under ZeRO-1, which keeps them between
+  micro-steps. Each collective sends a flat (with c != g also cast) copy of at most one bucket (ZeRO-0:
+  the gradients, in all-reduce chunks of 5e8 elements; ZeRO-3's bucket is its `buffers` above).
+  When backward returns DeepSpeed has dropped all of these, but the communication backend can still
+  hold the tensor of the last collective for a moment, and a view holds its whole bucket (on CPU
+  gloo releases it from a worker thread that needs the GIL; tests/plan once measured one bucket,
+  2,000,000 B, still alive). So what is alive then lies between at rest and at rest
+  + `in_flight` (one bucket, or chunk, at max(g, c) bytes): a bounded transient, not a fixed number.
+  `ldm plan`'s peak (planner.py) does not add these transients yet.
 """
 from __future__ import annotations
 
@@ -31,6 +44,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .hardware import DS_DEFAULT_REUSE_DISTANCE
+
+ZERO0_ALLREDUCE_CHUNK = 500_000_000   # DeepSpeed engine's MEMORY_OPT_ALLREDUCE_SIZE (elements per flat all-reduce)
+COMM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -105,11 +121,20 @@ class ModelStates:
     gathered: int = 0               # ZeRO-3 parameters gathered from forward to backward
     autocast_copies: int = 0        # bf16 copies of the weights kept for backward
     optimizer_step: int = 0         # temporaries of the optimizer step
+    reduce_buckets: int = 0         # ZeRO-1/2 gradient staging buckets, from a backward's first gradient hook on
+    reduce_copy: int = 0            # flat (and cast) copy of one collective's gradients while it runs
+    in_flight: int = 0              # what the last collective may still hold when backward returns
 
     @property
     def at_rest(self) -> int:
-        """After backward, before the optimizer step: what tests/plan/ measures on a live engine."""
+        """After backward, before the optimizer step, once the collectives have let go of their tensors."""
         return self.params + self.grads + self.optimizer + self.ema + self.buffers
+
+    @property
+    def after_backward(self) -> tuple[int, int]:
+        """(least, most) bytes alive when the boundary's backward returns: at rest, plus the tensor of the
+        last collective while the communication backend still holds it (see the module docstring)."""
+        return self.at_rest, self.at_rest + self.in_flight
 
     def without_grads(self) -> int:
         return self.params + self.optimizer + self.ema + self.buffers
@@ -119,31 +144,52 @@ class ModelStates:
         """Gradient bytes held between micro-steps (ZeRO-1 keeps them full-size; measured on CPU)."""
         return self.full_grads or self.grads
 
+    @property
+    def buffers_accumulating(self) -> int:
+        """Buffers held between micro-steps: ZeRO-1, which reduces (and so runs the epilogue that frees its
+        reduce buckets) only at the boundary, keeps its buckets; ZeRO-2 frees them after every backward."""
+        return self.buffers + (self.reduce_buckets if self.full_grads else 0)
+
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["at_rest"] = self.at_rest
         return d
 
 
+def _reduction(pi: ParamInfo, zero_stage: int, g: int, bucket: int, overlap_comm: bool, contiguous_gradients: bool,
+               comm_dtype: Optional[str]) -> dict[str, int]:
+    """The gradient-reduction transients of the module docstring: reduce_buckets, reduce_copy, in_flight."""
+    c = COMM_BYTES.get(comm_dtype or "", g)
+    largest = max((n for group in pi.group_numels for n in group), default=0)
+    # elements one collective sends: ZeRO-0 closes an all-reduce chunk once it exceeds 5e8 elements
+    chunk = min(pi.trainable, ZERO0_ALLREDUCE_CHUNK + largest if zero_stage == 0 else bucket)
+    n_buckets = (2 if overlap_comm else 1) if zero_stage in (1, 2) and contiguous_gradients else 0
+    return {"reduce_buckets": n_buckets * g * bucket,
+            "reduce_copy": g * chunk + (c * chunk if c != g else 0),
+            "in_flight": max(g * bucket if n_buckets else 0, max(g, c) * chunk)}
+
+
 def zero_model_states(pi: ParamInfo, zero_stage: int, world: int, precision: str = "fp32", ema: bool = True,
-                      reduce_bucket_size: int = 50_000_000, reuse_distance: int = DS_DEFAULT_REUSE_DISTANCE
-                      ) -> ModelStates:
+                      reduce_bucket_size: int = 50_000_000, reuse_distance: int = DS_DEFAULT_REUSE_DISTANCE,
+                      overlap_comm: bool = False, contiguous_gradients: bool = True,
+                      comm_dtype: Optional[str] = None) -> ModelStates:
     """Model-state bytes per GPU for ZeRO `zero_stage` at `world` ranks (formulas: module docstring)."""
     P = pi.trainable
     w = 2 if precision == "fp16" else 4
     g = w
     autocast = 2 * P if precision == "bf16" else 0
+    reduction = _reduction(pi, zero_stage, g, reduce_bucket_size, overlap_comm, contiguous_gradients, comm_dtype)
     if zero_stage == 0:
         master = 4 * P if precision == "fp16" else 0
         return ModelStates(params=w * P, grads=g * P, optimizer=8 * P + master, ema=4 * P if ema else 0, buffers=0,
-                           autocast_copies=autocast, optimizer_step=4 * P)
+                           autocast_copies=autocast, optimizer_step=4 * P, **reduction)
     if zero_stage in (1, 2):
         part, grad_elems = zero12_partition(pi.group_numels, world)
         fp32_grad_part = 4 * part if precision == "fp16" else 0
         return ModelStates(params=w * P, grads=g * grad_elems + fp32_grad_part, optimizer=12 * part,
                            ema=4 * P if ema else 0, buffers=0,
                            full_grads=g * P if zero_stage == 1 else 0,
-                           autocast_copies=autocast, optimizer_step=4 * part)
+                           autocast_copies=autocast, optimizer_step=4 * part, **reduction)
     if zero_stage == 3:
         numels = [n for group in pi.group_numels for n in group]
         part = sum(_ceil_div(n, world) for n in numels)
@@ -155,7 +201,7 @@ def zero_model_states(pi: ParamInfo, zero_stage: int, world: int, precision: str
         fp32_grad_part = 4 * part if precision == "fp16" else 0
         return ModelStates(params=w * (part + persistent), grads=g * part + fp32_grad_part, optimizer=12 * part,
                            ema=4 * part if ema else 0, buffers=g * reduce_bucket_size,
-                           gathered=gathered, autocast_copies=autocast, optimizer_step=4 * part)
+                           gathered=gathered, autocast_copies=autocast, optimizer_step=4 * part, **reduction)
     raise ValueError(f"zero_stage {zero_stage}: expected 0-3")
 
 
@@ -188,7 +234,7 @@ def comm_bytes(pi: ParamInfo, zero_stage: int, world: int, grad_accum: int, prec
         return {"reduce": 0.0, "gather_prefetched": 0.0, "serial": 0.0}
     P = pi.trainable
     w = 2 if precision == "fp16" else 4
-    g = {"fp32": 4, "bf16": 2, "fp16": 2}.get(comm_dtype or "", w)
+    g = COMM_BYTES.get(comm_dtype or "", w)
     r = (world - 1) / world
     if zero_stage == 0:
         return {"reduce": 2 * r * g * P, "gather_prefetched": 0.0, "serial": 0.0}

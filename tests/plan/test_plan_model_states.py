@@ -48,7 +48,9 @@ def _predicted(model, zero, world):
     desc = _describe(model)
     return Z.zero_model_states(desc.params, zero, world, desc.precision, desc.ema,
                                int(desc.ds_zero["reduce_bucket_size"]),
-                               int(desc.ds_zero.get("stage3_max_reuse_distance", H.DS_DEFAULT_REUSE_DISTANCE)))
+                               int(desc.ds_zero.get("stage3_max_reuse_distance", H.DS_DEFAULT_REUSE_DISTANCE)),
+                               bool(desc.ds_zero.get("overlap_comm", False)),
+                               bool(desc.ds_zero.get("contiguous_gradients", True)), desc.comm_dtype)
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -58,12 +60,17 @@ def test_plan_model_states_match_live_engine(measured, model):
         if m != model:
             continue
         pred = _predicted(model, zero, world)
-        got = rec["roles"]
-        rows.append(f"{model} N={world} ZeRO-{zero} rank {rank}: predicted {pred.at_rest} measured {rec['live_total']} "
-                    f"({rel(pred.at_rest, rec['live_total']):.2%}) " +
+        got, live = rec["roles"], rec["live_total"]
+        lo, hi = pred.after_backward
+        rows.append(f"{model} N={world} ZeRO-{zero} rank {rank}: predicted {lo}..{hi} measured {live} "
+                    f"({rel(lo, live):.2%} from at rest) " +
                     " ".join(f"{k} {getattr(pred, k)}/{got[k]}" for k in ROLES))
-        # everything alive in the process that the engine and the EMA added, against the prediction
-        assert rel(pred.at_rest, rec["live_total"]) <= 0.05, rows[-1]
+        # everything alive in the process that the engine and the EMA added, against the prediction: the
+        # states at rest, plus at most the tensor of backward's last collective (one reduce bucket, 2,000,000 B
+        # here, or ZeRO-0's flat all-reduce copy) when gloo's worker thread has not dropped it yet
+        # (launch/plan/zero.py). The unet's rank 1 at N=2, ZeRO-2 holds 16,695,004 B at rest (predicted 16,715,512)
+        # and once measured 18,695,004 B: one bucket more, which a point prediction of 5 % cannot hold
+        assert lo - 0.05 * live <= live <= hi + 0.05 * live, rows[-1]
         for role in ROLES:
             want, have = getattr(pred, role), got[role]
             assert abs(want - have) <= max(0.05 * have, 64 * 1024), (role, rows[-1])
@@ -71,12 +78,16 @@ def test_plan_model_states_match_live_engine(measured, model):
 
 
 def test_plan_gradients_held_while_accumulating(measured):
-    """Between micro-steps ZeRO-0 and ZeRO-1 hold full-size gradients, ZeRO-2/3 only their partition."""
+    """Between micro-steps ZeRO-0 and ZeRO-1 hold full-size gradients, ZeRO-2/3 only their partition; ZeRO-1
+    also keeps its reduce bucket (freed only by the boundary's reduction), ZeRO-2 frees it after each backward."""
     for (m, world, zero, rank), rec in sorted(measured.items()):
         pred = _predicted(m, zero, world)
         have = rec["accumulating"]["grads"]
         assert abs(pred.grads_accumulating - have) <= max(0.05 * have, 64 * 1024), (m, world, zero, rank,
                                                                                     pred.grads_accumulating, have)
+        have = rec["accumulating"]["buffers"]
+        assert abs(pred.buffers_accumulating - have) <= max(0.05 * have, 64 * 1024), (m, world, zero, rank,
+                                                                                      pred.buffers_accumulating, have)
     full = measured[("unet", 2, 1, 0)]["accumulating"]["grads"]
     part = measured[("unet", 2, 2, 0)]["accumulating"]["grads"]
     assert full > 1.8 * part
