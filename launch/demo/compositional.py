@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .run import REPO
+from .compositional_report import README_END, README_START
 
-CONFIGS = REPO / "configs" / "demo" / "compositional"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo" / "compositional"
 # DemoSettings of this tier (launch/demo/run.py DemoSettings.for_tier)
 SETTINGS = dict(image_size=40, train_images=12000, val_images=256, holdout_images=192,
                 autoencoder_config=CONFIGS / "autoencoder.yaml", diffusion_config=CONFIGS / "diffusion.yaml")
-README_START, README_END = "<!-- demo-compositional:start -->", "<!-- demo-compositional:end -->"
 HOLDOUT = ["default"]
 
 
@@ -96,7 +95,12 @@ class CompositionalTier:
         from .compositional_report import write_report
 
         return write_report(out, timings, counts=counts, recon=recon, judged=judged, ae_config=ae_config,
-                            settings=settings, text_tower=text_tower(settings))
+                            settings=settings, text_tower=text_tower(settings), holdout=self.holdout_items())
+
+    def holdout_items(self) -> list[str]:
+        from data_pipeline.compositional import HoldOut
+
+        return HoldOut.parse(HOLDOUT).items()
 
     def update_readme(self, out: Path, readme: Path, assets: Path) -> None:
         from .compositional_report import update_readme

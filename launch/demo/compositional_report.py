@@ -11,6 +11,7 @@ from launch.runtime.lockfile import warn_if_drifted
 
 from .report import _describe_sampling, _pct, _sampling, loss_curves, running_versions
 
+README_START, README_END = "<!-- demo-compositional:start -->", "<!-- demo-compositional:end -->"
 AIMS = "overall >= 80 %, held-out compositions within 10 points of the seen ones, <= 20 minutes on 2 CPU cores"
 
 
@@ -20,17 +21,18 @@ def _row(name: str, part: dict) -> str:
 
 
 def write_report(out: Path, timings: dict, *, counts: dict, recon: dict, judged: dict, ae_config: dict,
-                 settings, text_tower: str) -> dict:
-    from launch.demo.compositional import HOLDOUT
+                 settings, text_tower: str, holdout: list[str] | None = None) -> dict:
+    """holdout: the held-out items, as HoldOut.items() lists them (default: the tier's default set)."""
     from data_pipeline.compositional import HoldOut
 
+    holdout = HoldOut.parse(["default"]).items() if holdout is None else holdout
     curves = loss_curves(out)
     compute = sum(t["seconds"] for t in timings.values() if not t.get("reused"))
     total = sum(t["seconds"] for t in timings.values())
     parts = {k: judged[k] for k in ("all", "seen", "held_out")}
     summary = {
         "tier": "compositional", "images": counts, "image_size": settings.image_size,
-        "holdout": HoldOut.parse(HOLDOUT).items(), "text_tower": text_tower,
+        "holdout": holdout, "text_tower": text_tower,
         "recon_psnr_holdout": recon["holdout"]["psnr"], "recon_psnr_val": recon["val"]["psnr"],
         "scaling_factor": ae_config.get("scaling_factor"),
         "scores": {k: {"n": p["n"], "overall": p["overall"],
@@ -76,8 +78,6 @@ def write_report(out: Path, timings: dict, *, counts: dict, recon: dict, judged:
 
 def update_readme(out: Path, readme: Path, assets: Path) -> None:
     """Copy the grid next to the README and rewrite its compositional block from report.json."""
-    from launch.demo.compositional import README_END, README_START
-
     summary = json.loads((out / "report.json").read_text())
     assets.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / "samples" / "grid.png", assets / "demo_compositional_grid.png")
