@@ -20,6 +20,7 @@ from .state import derive_seed
 from .write import ShardWriter
 
 SIZE_RANGE = (0.3, 0.6)  # shape side as a fraction of the image side
+SWEEP_MIN_CONTRAST = 80.0  # RGB distance between a colour-sweep shape and its background
 # A small default held-out set, one triple per shape (and distinct colors), for the demo's adherence test.
 DEFAULT_HOLDOUT = (("red", "circle", "blue"), ("green", "square", "white"), ("yellow", "triangle", "purple"))
 
@@ -79,6 +80,26 @@ def sample(index: int, *, size: int, seed: int = 0, exclude: Sequence[Triple] = 
     return img, caption_for(color, shape, background), attrs
 
 
+def color_sweep_sample(index: int, *, size: int, seed: int = 0) -> tuple[Image.Image, str, dict]:
+    """Sample `index` of the colour sweep: a demo shape in a uniformly random RGB colour on another random
+    RGB background (at least SWEEP_MIN_CONTRAST apart, so the shape is visible). Stage one trains on these
+    besides the palette images, as a real autoencoder sees every colour: without them the demo's
+    autoencoder maps colours it never saw onto the eight it knows (pink decoded as yellow), and a
+    denoiser taught a new colour could not show it. The caption names no colour; stage two never reads these."""
+    rng = random.Random(derive_seed(seed, "color-sweep", index))
+    while True:
+        fg, bg = (tuple(rng.randrange(256) for _ in range(3)) for _ in range(2))
+        if sum((a - b) ** 2 for a, b in zip(fg, bg)) ** 0.5 >= SWEEP_MIN_CONTRAST:
+            break
+    shape = rng.choice(SHAPES)
+    side = min(size, max(1, round(rng.uniform(*SIZE_RANGE) * size)))
+    x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
+    img = Image.new("RGB", (size, size), bg)
+    draw_shape(ImageDraw.Draw(img), shape, (x0, y0, x0 + side - 1, y0 + side - 1), fg)
+    return img, f"a {shape}", {"shape": shape, "rgb": list(fg), "background_rgb": list(bg),
+                                "bbox": [x0, y0, x0 + side, y0 + side]}
+
+
 def iter_synthetic(num: int, *, size: int, seed: int = 0, exclude: Sequence = (), only: Sequence = (),
                    start: int = 0) -> Iterator[tuple[Image.Image, str, dict]]:
     exclude = [parse_triple(t) for t in exclude]
@@ -97,7 +118,8 @@ def write_synthetic(out_dir: str | os.PathLike, num: int, *, size: int = 64, see
     """Write `num` samples as img2dataset-layout shards; deterministic for (num, size, seed, exclude, only).
 
     tier 'shapes': one shape per image, exclude/only hold COLOR:SHAPE:BACKGROUND triples; tier
-    'compositional' (data_pipeline.compositional): exclude/only hold its held-out items (HoldOut.parse)."""
+    'compositional' (data_pipeline.compositional): exclude/only hold its held-out items (HoldOut.parse);
+    tier 'colors': the colour sweep of stage one (color_sweep_sample), no exclude/only."""
     if size < 8:
         raise ValueError(f"size must be >= 8, got {size}")
     if image_format not in ("png", "jpg"):
@@ -110,8 +132,13 @@ def write_synthetic(out_dir: str | os.PathLike, num: int, *, size: int = 64, see
 
         samples = iter_compositional(num, size=size, seed=seed, exclude=exclude, only=only)
         excluded, only_items = HoldOut.parse(exclude).items(), HoldOut.parse(only).items()
+    elif tier == "colors":
+        if exclude or only:
+            raise ValueError("the colour sweep (tier 'colors') takes no exclude/only: its colours are random")
+        samples = (color_sweep_sample(i, size=size, seed=seed) for i in range(num))
+        excluded, only_items = [], []
     else:
-        raise ValueError(f"tier must be shapes or compositional, got {tier!r}")
+        raise ValueError(f"tier must be shapes, compositional or colors, got {tier!r}")
     with ShardWriter(out_dir, shard_size=shard_size, max_shard_bytes=max_shard_bytes) as writer:
         for i, (img, caption, attrs) in enumerate(samples):
             buf = io.BytesIO()

@@ -97,7 +97,10 @@ def write_report(out: Path, timings: dict, *, counts: dict, recon: dict, adheren
         "# ldm demo report", "",
         f"Synthetic captioned shapes at {settings['image_size']} px: {counts['train']} training images "
         f"(without the held-out triples {', '.join(holdout)}), {counts['val']} validation and "
-        f"{counts['holdout']} held-out images.", "",
+        f"{counts['holdout']} held-out images." + (
+            f" Stage one also trains on {counts['color_sweep']} shapes in random RGB colours (no colour in "
+            "their captions, never seen by stage two), so the autoencoder can draw colours outside the "
+            "palette." if counts.get("color_sweep") else ""), "",
         "## Samples (EMA weights, classifier-free guidance)", "",
         "Four samples per prompt, one prompt per row (see `samples/grid/prompts.json`); the first three "
         f"prompts are held-out triples the denoiser never saw. Sampling: {_describe_sampling(summary['sampling'])}.",

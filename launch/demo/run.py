@@ -4,7 +4,8 @@ The data, the prompts scored and the judge come from a tier: shapes (launch/demo
 image, the default) or compositional (launch/demo/compositional.py, one to three objects, GenEval's tasks).
 
 Phases (each one's outputs are reused by a second run unless `--redo` names it):
-  data        the tier's captioned shards: train (without the held-out compositions), val, held-out
+  data        the tier's captioned shards: train (without the held-out compositions), val, held-out (and for
+              shapes a colour sweep, random RGB shapes stage one trains on besides train)
   stage1      `ldm train configs/demo/autoencoder.yaml` (DeepSpeed, checkpoints, metrics)
   export1     the autoencoder export (weights + latent scaling_factor / shift_factor)
   recon       reconstruction PSNR / SSIM on held-out images (never trained on)
@@ -188,7 +189,10 @@ def run_demo(s: DemoSettings, redo: set[str] | None = None, log: Callable[[str],
 
     # 2. stage one
     ae_run = runs / "autoencoder"
-    ae_overrides = [f"data.urls={_shards(data / 'train')}", f"data.val_urls={_shards(data / 'val')}",
+    # stage one also reads the tier's colour sweep when it wrote one (shapes: data/color_sweep, no captions used)
+    ae_urls = (f"data.urls=['{_shards(data / 'train')}', '{_shards(data / 'color_sweep')}']"
+               if counts.get("color_sweep") else f"data.urls={_shards(data / 'train')}")
+    ae_overrides = [ae_urls, f"data.val_urls={_shards(data / 'val')}",
                     f"data.image_size={s.image_size}", f"train.seed={s.seed}", *s.overrides_stage1]
     fp1 = _fingerprint(_file_hash(s.autoencoder_config), ae_overrides, counts)
 

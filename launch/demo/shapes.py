@@ -16,24 +16,30 @@ def _prompt(c: str, sh: str, b: str) -> str:
 
 
 class ShapesTier:
+    """`color_sweep_images`: shapes in random RGB colours that only stage one trains on (see
+    data_pipeline/synthetic.py color_sweep_sample: the finetune demo's new colour needs an autoencoder that
+    can draw it)."""
     name = "shapes"
     readme_markers = ("<!-- demo:start -->", "<!-- demo:end -->")
     # seconds per phase on 2 cores (the ETA of the progress lines)
-    estimates = {"data": 20, "stage1": 225, "export1": 5, "recon": 5, "precompute": 20, "stage2": 270,
+    estimates = {"data": 20, "stage1": 250, "export1": 5, "recon": 5, "precompute": 20, "stage2": 270,
                  "export2": 5, "sample": 25, "adherence": 5, "report": 5}
+
+    def __init__(self, color_sweep_images: int = 500):
+        self.color_sweep_images = color_sweep_images
 
     def holdout(self, s) -> list[str]:
         return [":".join(t) for t in s.holdout]
 
     def key(self, s) -> list:
         """What the data depends on besides the settings' counts (the phase fingerprint)."""
-        return [self.holdout(s)]
+        return [self.holdout(s), self.color_sweep_images]
 
     def write_data(self, data: Path, s) -> dict:
         from data_pipeline.synthetic import write_synthetic
 
         holdout = self.holdout(s)
-        for sub in ("train", "val", "holdout"):
+        for sub in ("train", "val", "holdout", "color_sweep"):
             shutil.rmtree(data / sub, ignore_errors=True)
         a = write_synthetic(data / "train", s.train_images, size=s.image_size, seed=s.seed, shard_size=s.shard_size,
                             exclude=holdout)
@@ -41,7 +47,12 @@ class ShapesTier:
                             shard_size=s.val_images, exclude=holdout)
         c = write_synthetic(data / "holdout", s.holdout_images, size=s.image_size, seed=s.seed + 2,
                             shard_size=s.holdout_images, only=holdout)
-        return {"train": a["samples"], "val": b["samples"], "holdout": c["samples"]}
+        counts = {"train": a["samples"], "val": b["samples"], "holdout": c["samples"]}
+        if self.color_sweep_images:
+            counts["color_sweep"] = write_synthetic(data / "color_sweep", self.color_sweep_images, size=s.image_size,
+                                                    seed=s.seed + 3, shard_size=s.shard_size,
+                                                    tier="colors")["samples"]
+        return counts
 
     def grid_prompts(self, s) -> list[str]:
         """One row per prompt; the first three are held-out triples."""

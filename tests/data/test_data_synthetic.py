@@ -75,3 +75,29 @@ def test_synthetic_is_deterministic_and_holdout_writes_separately(tmp_path):
     write_synthetic(tmp_path / "held", 20, size=16, seed=5, shard_size=50, only=held)
     got = {(s["json"]["color"], s["json"]["shape"], s["json"]["background"]) for s in read_all(tmp_path / "held")}
     assert got == {parse_triple(t) for t in held}
+
+
+def test_color_sweep_covers_rgb_is_reproducible_and_names_no_color(tmp_path):
+    """Stage one's colour sweep: random RGB shapes on random RGB backgrounds (the demo autoencoder must be able
+    to draw a colour the denoiser is later taught), a pure function of (seed, index), captions without colours."""
+    import pytest
+
+    from data_pipeline.synthetic import SWEEP_MIN_CONTRAST
+
+    write_synthetic(tmp_path / "a", 200, size=16, seed=3, shard_size=100, tier="colors")
+    write_synthetic(tmp_path / "b", 200, size=16, seed=3, shard_size=100, tier="colors")
+    assert (tmp_path / "a" / "00001.tar").read_bytes() == (tmp_path / "b" / "00001.tar").read_bytes()
+    samples = read_all(tmp_path / "a")
+    assert len(samples) == 200
+    fg = np.array([s["json"]["rgb"] for s in samples], dtype=float)
+    bg = np.array([s["json"]["background_rgb"] for s in samples], dtype=float)
+    assert np.linalg.norm(fg - bg, axis=1).min() >= SWEEP_MIN_CONTRAST
+    # every channel spread over its range (uniform: mean ~127, the eight palette colours would give 8 values)
+    assert len({tuple(c) for c in fg}) == 200 and abs(fg.mean() - 127.5) < 15 and fg.std() > 60
+    for s in samples:
+        assert s["txt"] in {f"a {shape}" for shape in SHAPES}
+        x0, y0, x1, y1 = s["json"]["bbox"]
+        assert (s["img"][y0 + (y1 - y0) // 2, x0 + (x1 - x0) // 2] == s["json"]["rgb"]).all()
+        assert (s["img"][0, 0] == s["json"]["background_rgb"]).all() or (x0, y0) == (0, 0)
+    with pytest.raises(ValueError, match="no exclude/only"):
+        write_synthetic(tmp_path / "c", 4, size=16, tier="colors", only=["red:circle:blue"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -20,7 +21,7 @@ from launch.demo.report import README_END, README_START, update_readme
 from launch.runtime.validation import UNIT_TIMES
 
 TINY = dict(train_images=128, val_images=32, holdout_images=24, shard_size=64, samples_per_triple=1,
-            holdout_samples_per_triple=2, threads=2)
+            holdout_samples_per_triple=2, threads=2, tier_options={"color_sweep_images": 32})
 STAGE1 = ["train.max_steps=12", "train.log_every=4", "validation.every=6", "validation.sample_every=12",
           "autoencoder.latent_stats_batches=1", "data.num_workers=0", "train.checkpoint_every=12"]
 STAGE2 = ["train.max_steps=12", "train.log_every=4", "validation.sample_every=12", "data.num_workers=0",
@@ -41,7 +42,12 @@ def demo(tmp_path_factory):
 def test_demo_runs_every_phase_reports_and_reuses(demo, tmp_path):
     out, settings, summary, logs = demo["out"], demo["settings"], demo["summary"], list(demo["logs"])
 
-    assert summary["images"] == {"train": 128, "val": 32, "holdout": 24}
+    assert summary["images"] == {"train": 128, "val": 32, "holdout": 24, "color_sweep": 32}
+    # stage one read the colour sweep besides the train shards; stage two only the train shards' latents
+    ae_urls = yaml.safe_load((out / "runs/autoencoder/config.yaml").read_text())["data"]["urls"]
+    assert [Path(u).parent.name for u in ae_urls] == ["train", "color_sweep"], ae_urls
+    dm_urls = yaml.safe_load((out / "runs/diffusion/config.yaml").read_text())["data"]["urls"]
+    assert [Path(u).parent.name for u in dm_urls] == ["latents"], dm_urls
     assert 5.0 < summary["recon_psnr_holdout"] < 100.0 and summary["scaling_factor"] > 0
     adh = summary["adherence"]
     assert adh["n"] == 168 + 3 * 1            # every triple once, the held-out ones twice
