@@ -45,6 +45,11 @@ SECTIONS = {
                 "per row (the reference: the demo's recipe), the same sampler and captions; scores judged from the "
                 "pixels (percent), held-out compositions apart. A CPU-sized version of the SD3 paper's comparison.",
                 "ldm bench quality"),
+    "quality_shapes": ("Denoisers on the shapes demo's data: UNet vs DiT vs MMDiT, equal compute per row",
+                       "Stage two trained from the same latents of `ldm demo` (one shape, colour and background per "
+                       "image), equal training FLOPs per row (the reference: the demo's UNet recipe at its step count), "
+                       "the same sampler and prompts (every triple, the held-out ones more often); accuracy judged "
+                       "from the pixels (percent), held-out triples apart.", "ldm bench quality --tier shapes"),
     "zero": ("ZeRO memory per rank (2 ranks)", "Measured from live DeepSpeed engines after one step, beside "
              "DeepSpeed's own estimator.", "ldm bench zero"),
 }

@@ -55,3 +55,21 @@ def test_readme_block_shows_the_full_table_only(tmp_path):
     (folder / "quality.json").write_text(json.dumps({"rows": [], "host": {"threads": 2}}))
     (folder / "quality.md").write_text("| row |\n| --- |\n| unet-flow-ln |\n")
     assert "| unet-flow-ln |" in render(folder) and "equal compute per row" in render(folder)
+
+
+def test_shapes_tier_rows_are_judged_by_colour_shape_and_background(tmp_path, results):
+    """`--tier shapes`: the same machinery on the one-shape demo (its 8x8 latents, its judge): the MMDiT row
+    gets the FLOP-matched steps over the UNet reference, and its table lands apart from the compositional one."""
+    rc = quality.main(["--tier", "shapes", "--quick", "--demo", str(tmp_path / "demo"),
+                       "--rows", "unet-flow-ln,mmdit-flow-ln", "--steps", "6"])
+    assert rc == 0
+    result = json.loads((results / "quality_shapes_quick.json").read_text())
+    assert result["tier"] == "shapes" and not (results / "quality_quick.json").exists()
+    rows = {r["row"]: r for r in result["rows"]}
+    ref, mm = rows["unet-flow-ln"], rows["mmdit-flow-ln"]
+    assert ref["steps"] == 6 and mm["final_step"] == mm["steps"] == round(
+        6 * ref["gflop_per_sample"] / mm["gflop_per_sample"])
+    for r in rows.values():
+        assert set(r["tasks"]) == {"color", "shape", "background"}
+        assert 0.0 <= r["overall"] <= 1.0 and 0.0 <= r["held_out"] <= 1.0 and 0.0 <= r["seen"] <= 1.0
+    assert "background" in (results / "quality_shapes_quick.md").read_text()
