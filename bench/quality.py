@@ -60,9 +60,9 @@ QUICK = {"compositional": dict(train_images=96, val_images=32, holdout_images=16
          "shapes": dict(train_images=96, val_images=32, holdout_images=16, shard_size=48, samples_per_triple=1,
                         holdout_samples_per_triple=1, tier_options={"color_sweep_images": 16},
                         overrides_stage1=_QUICK_STAGE1, overrides_stage2=_QUICK_STAGE2)}
-# seconds of one reference step on 2 cores (the ETA of the progress lines): compositional 1,800 steps ~ 650 s,
-# shapes 1,100 steps ~ 270 s
-SECONDS_PER_REF_STEP = {"compositional": 0.36, "shapes": 0.25}
+# seconds of one reference step on 2 cores (the ETA of the progress lines): compositional 1,800 steps ~ 970 s
+# (batch 128 at ~235 img/s), shapes 1,100 steps ~ 295 s
+SECONDS_PER_REF_STEP = {"compositional": 0.54, "shapes": 0.27}
 
 
 def flops_per_sample(config: Path, overrides: list[str], batch: int = 4) -> tuple[float, int]:
