@@ -14,6 +14,8 @@ its FLOPs per sample, the reference being the demo's recipe (UNet, flow matching
     ldm bench quality [--tier compositional|shapes] [--demo DIR] [--steps N] [--rows unet-flow-ln,dit-flow-ln]
                       [--seen 240] [--held-out 120] [--quick] [--json]
 Rows are reused by a second run when nothing they depend on changed (phases in DEMO/bench_quality/.demo).
+A run of some rows adds them to the saved table when the table was made with the same tier, reference steps
+and prompt counts (a row run again replaces its old one); each row keeps the host and time it was measured on.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .common import host, markdown_table, save
+from .common import RESULTS, RESULTS_ENV, host, markdown_table, save
 
 
 def _transformer(kind: str, depth: int) -> Callable[[int], list[str]]:
@@ -47,6 +49,9 @@ ROWS = {
     "unet-eps": ("UNet, eps-prediction, scaled-linear betas, uniform t", _fixed(["objective.kind=eps"])),
     "dit-flow-ln": ("DiT (PixArt form), patch 1, flow matching, logit-normal t", _transformer("dit", 6)),
     "mmdit-flow-ln": ("MMDiT (SD3 form), patch 1, flow matching, logit-normal t", _transformer("mmdit", 4)),
+    "mmdit-rope-flow-ln": ("MMDiT with 2-D RoPE instead of sin-cos positions (as Flux), patch 1, flow matching, "
+                           "logit-normal t", lambda side: [*_transformer("mmdit", 4)(side), "denoiser.mmdit.rope=true",
+                                                           "denoiser.mmdit.pos_embed=none"]),
 }
 TIERS = ("compositional", "shapes")
 SHAPE_TASKS = ("color", "shape", "background")
@@ -155,8 +160,26 @@ def run(demo: Path, rows: list[str], steps: int, seen: int, held_out: int, quick
                       "train_gflop": fps * row_steps * _batch(config, train) / 1e9, "train_seconds": train_s,
                       "final_step": result.get("step"), **_scores(tier_name, judged)})
     return {"benchmark": "quality", "tier": tier_name, "quick": quick, "reference": REFERENCE,
-            "reference_steps": steps, "seen_prompts": seen, "held_out_prompts": held_out, "rows": table,
-            "host": host(threads)}
+            "reference_steps": steps, "seen_prompts": seen, "held_out_prompts": held_out,
+            "rows": [{**r, "host": host(threads)} for r in table], "host": host(threads)}
+
+
+SAME_TABLE = ("benchmark", "tier", "quick", "reference", "reference_steps", "seen_prompts", "held_out_prompts")
+
+
+def merge_rows(saved: dict, new: dict) -> dict:
+    """`new`'s rows added to a saved table of the same settings (SAME_TABLE): a row of both takes `new`'s
+    figures, the others keep theirs, in ROWS order. Every row carries the host it was measured on (rows of
+    a table saved before rows had one take the table's). A table of other settings is replaced whole."""
+    for table in (saved, new):
+        for row in table.get("rows", []):
+            row.setdefault("host", table.get("host"))
+    if any(saved.get(k) != new.get(k) for k in SAME_TABLE):
+        return new
+    rows = {r["row"]: r for r in saved.get("rows", [])}
+    rows.update({r["row"]: r for r in new["rows"]})
+    order = [n for n in ROWS if n in rows] + [n for n in rows if n not in ROWS]
+    return {**new, "rows": [rows[n] for n in order]}
 
 
 def _batch(config: Path, overrides: list[str]) -> int:
@@ -173,11 +196,15 @@ def to_markdown(result: dict) -> str:
 
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f}"
+
+    def measured(r):   # train s depends on the host: say which, and when
+        h = r.get("host") or result.get("host") or {}
+        return f"{h.get('cpu', '?')}, {str(h.get('time', '?'))[:10]}"
     rows = [(r["row"], r["what"], f"{r['params'] / 1e6:.2f} M", r["steps"], f"{r['train_gflop'] / 1e3:,.0f}",
              f"{r['train_seconds']:.0f}", *(pct(r["tasks"][t]) for t in tasks), pct(r["seen"]), pct(r["held_out"]),
-             f"**{pct(r['overall'])}**") for r in result["rows"]]
+             f"**{pct(r['overall'])}**", measured(r)) for r in result["rows"]]
     return markdown_table(["row", "recipe", "params", "steps", "train TFLOP", "train s", *tasks, "seen",
-                           "held-out", "overall"], rows)
+                           "held-out", "overall", "measured on"], rows)
 
 
 def main(argv=None) -> int:
@@ -206,8 +233,13 @@ def main(argv=None) -> int:
 
         steps = 4 if args.quick else load_config(DemoSettings.for_tier(args.tier, demo).diffusion_config).train.max_steps
     result = run(demo, rows, steps, args.seen, args.held_out, args.quick, args.threads, args.tier)
-    name = "quality" if args.tier == "compositional" else f"quality_{args.tier}"
-    save(name + ("_quick" if args.quick else ""), result, to_markdown(result))
+    name = ("quality" if args.tier == "compositional" else f"quality_{args.tier}") + ("_quick" if args.quick else "")
+    import os
+
+    saved = Path(os.environ.get(RESULTS_ENV) or RESULTS) / f"{name}.json"
+    if saved.is_file():
+        result = merge_rows(json.loads(saved.read_text()), result)
+    save(name, result, to_markdown(result))
     print(json.dumps(result, indent=1) if args.json else to_markdown(result))
     return 0
 

@@ -73,3 +73,28 @@ def test_shapes_tier_rows_are_judged_by_colour_shape_and_background(tmp_path, re
         assert set(r["tasks"]) == {"color", "shape", "background"}
         assert 0.0 <= r["overall"] <= 1.0 and 0.0 <= r["held_out"] <= 1.0 and 0.0 <= r["seen"] <= 1.0
     assert "background" in (results / "quality_shapes_quick.md").read_text()
+
+
+def _table(rows, steps=1800, cpu="A"):
+    h = {"cpu": cpu, "time": "2026-12-07T00:00:00"}
+    return {"benchmark": "quality", "tier": "compositional", "quick": False, "reference": "unet-flow-ln",
+            "reference_steps": steps, "seen_prompts": 240, "held_out_prompts": 120, "host": h,
+            "rows": [{"row": n, "overall": v} for n, v in rows]}
+
+
+def test_a_run_of_some_rows_adds_them_to_the_saved_table():
+    """`--rows X` on a table of the same settings: X is added (or replaced), the other rows keep their figures
+    and the host they were measured on; rows come in the table's row order. Other settings replace the table."""
+    saved = _table([("unet-flow-ln", 0.49), ("mmdit-flow-ln", 0.15)], cpu="Xeon")
+    new = _table([("mmdit-rope-flow-ln", 0.3), ("mmdit-flow-ln", 0.2)], cpu="EPYC")
+    merged = quality.merge_rows(saved, new)
+    assert [r["row"] for r in merged["rows"]] == ["unet-flow-ln", "mmdit-flow-ln", "mmdit-rope-flow-ln"]
+    by = {r["row"]: r for r in merged["rows"]}
+    assert by["unet-flow-ln"]["overall"] == 0.49 and by["unet-flow-ln"]["host"]["cpu"] == "Xeon"
+    assert by["mmdit-flow-ln"]["overall"] == 0.2 and by["mmdit-flow-ln"]["host"]["cpu"] == "EPYC"
+    assert "| Xeon, 2026-12-07 |" in quality.to_markdown({**merged, "rows": [
+        {**by["unet-flow-ln"], "what": "w", "params": 1, "steps": 1, "train_gflop": 1, "train_seconds": 1,
+         "tasks": {t: 0.5 for t in ("single_object", "two_object", "counting", "colors", "position", "color_attr")},
+         "seen": 0.5, "held_out": 0.5}]})
+    other = _table([("mmdit-rope-flow-ln", 0.3)], steps=900)
+    assert [r["row"] for r in quality.merge_rows(saved, other)["rows"]] == ["mmdit-rope-flow-ln"]
