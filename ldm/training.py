@@ -4,7 +4,8 @@ Batches (docs/CONTRIBUTING.md), either kind, in any mix of keys:
 - raw: `image` [B,3,H,W] in [-1,1] is encoded online by the frozen autoencoder passed in;
 - precomputed: `latent_mean` (+ `latent_std`) [B,C,h,w] are the autoencoder's raw posterior; when the
   data also carries `latent_mean_flip` (+ `latent_std_flip`), the latents of the mirrored image, each
-  sample takes one of the two at random (flip augmentation without re-encoding);
+  sample takes the mirrored one with probability `flip_prob` (the config's data.flip_prob; flip augmentation
+  without re-encoding; 0 for captions that say left or right);
 - text: `text_hidden`, `text_mask`, `text_pooled` if precomputed, else `caption` through the frozen
   open_clip encoder. Either way the same keys come out, so both sources are interchangeable.
 Latents given to the denoiser: (posterior sample (mean + std * noise) - shift_factor) * scaling_factor.
@@ -100,11 +101,15 @@ class DiffusionStage:
                  autoencoder: Optional[nn.Module] = None, conditioning: ConditioningConfig = ConditioningConfig(),
                  latents: LatentConfig = LatentConfig(), sampling: SamplingConfig = SamplingConfig(),
                  use_pooled: bool = False, latent_shape: Optional[tuple[int, int, int]] = None,
-                 empty_condition: Optional[Mapping[str, torch.Tensor]] = None):
+                 empty_condition: Optional[Mapping[str, torch.Tensor]] = None, flip_prob: float = 0.5):
         """`text_encoder`: callable captions -> {text_hidden, text_mask, text_pooled} (ldm.text); optional when
         batches carry precomputed text, but then `empty_condition` (the encoded empty prompt, batch 1)
         is needed for conditioning.null_embedding 'empty'. `autoencoder`: frozen module with encode(x) -> posterior
-        and decode(z); needed for raw images and to decode previews."""
+        and decode(z); needed for raw images and to decode previews. `flip_prob`: how often a sample with
+        precomputed mirrored latents takes them."""
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        self.flip_prob = flip_prob
         self.denoiser = denoiser
         self.objective = objective
         self.text_encoder = _freeze(text_encoder)
@@ -139,7 +144,8 @@ class DiffusionStage:
         return cls(build_denoiser_for(cfg), build_objective(cfg.objective), text_encoder=text_encoder,
                    autoencoder=autoencoder, conditioning=cfg.conditioning, latents=cfg.latents,
                    sampling=cfg.sampling, use_pooled=cfg.denoiser.pooled_dim > 0,
-                   latent_shape=latent_shape(cfg.denoiser), empty_condition=empty_condition)
+                   latent_shape=latent_shape(cfg.denoiser), empty_condition=empty_condition,
+                   flip_prob=getattr(getattr(cfg, "data", None), "flip_prob", 0.5))
 
     # ------------------------------------------------------------------ protocol
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -239,8 +245,10 @@ class DiffusionStage:
     def encode_latents(self, batch: dict, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if "latent_mean" in batch:
             mean, std = self._to_device(batch["latent_mean"]), self._to_device(batch.get("latent_std"))
-            if "latent_mean_flip" in batch:
-                pick = _randn(mean[:, :1, :1, :1], generator) > 0     # fair coin per sample
+            if "latent_mean_flip" in batch and self.flip_prob > 0:
+                # a normal draw above its (1 - p) quantile: probability p, and at p = 0.5 the same coin as before
+                cut = float(torch.special.ndtri(torch.tensor(1.0 - self.flip_prob, dtype=torch.float64)))
+                pick = _randn(mean[:, :1, :1, :1], generator) > cut
                 mean = torch.where(pick, self._to_device(batch["latent_mean_flip"]), mean)
                 if std is not None and "latent_std_flip" in batch:
                     std = torch.where(pick, self._to_device(batch["latent_std_flip"]), std)

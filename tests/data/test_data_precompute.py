@@ -150,3 +150,27 @@ def test_precomputed_reader_takes_one_member_npy_members_and_counts_damage(tmp_p
     for i, key in enumerate(b["key"]):
         for name, a in samples[key].items():
             assert np.array_equal(b[name][i].numpy(), a), (key, name)
+
+
+def test_precompute_warns_when_flips_contradict_left_right_captions(tmp_path):
+    """Mirrored latents for captions that say left or right teach the model the opposite half the time:
+    precompute with flip pairs says so, naming how many captions and the key that turns it off; a
+    compositional tier of position captions, written without pairs, gets no warning."""
+    import warnings
+
+    import pytest
+
+    src = tmp_path / "src"
+    write_synthetic(src, 40, size=32, seed=3, shard_size=40, tier="compositional")
+    cfg = DataConfig(urls=[str(src)], image_size=32, num_workers=0)
+    enc = TinyEncoder().eval()
+    with pytest.warns(UserWarning, match=r"captions say 'left' or 'right'.*data.flip_prob: 0") as record:
+        s = precompute_shards(cfg, cfg.urls, tmp_path / "pairs", encode_images=enc, encode_captions=encode_captions,
+                              batch_size=8, flip="pair")
+    assert 0 < s["left_right_captions"] < s["samples"] == 40
+    assert f"{s['left_right_captions']} of 40 captions" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = precompute_shards(cfg, cfg.urls, tmp_path / "none", encode_images=enc, encode_captions=encode_captions,
+                              batch_size=8, flip="none")
+    assert "left_right_captions" not in s and s["samples"] == 40
