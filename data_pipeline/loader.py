@@ -22,7 +22,7 @@ from .faults import Tally
 from .shards import expand_urls, split_by_rank, split_by_worker, split_holdout
 from .state import LAYOUT_KEYS, STATE_VERSION, check_state, initial_positions, settle
 from .stream import OnePassStream, TrainStream
-from .transforms import to_float
+from .transforms import flip_contradiction, says_left_or_right, to_float
 
 DEFAULT_BATCHES_PER_EPOCH = 1000
 
@@ -169,7 +169,19 @@ class TrainLoader:
         self._consumed += 1
         self._tally.check(self.cfg.max_bad_fraction, self.cfg.bad_fraction_min_samples, f"rank {self.rank}",
                           self.cfg.bad_fraction_min_shards)
+        if self._consumed == 1:
+            self._warn_if_flips_contradict(batch.get("caption") or [])
         return _finish(batch, self.cfg.pin_memory)
+
+    def _warn_if_flips_contradict(self, captions: list) -> None:
+        """Raw images are mirrored here with data.flip_prob: say so once (first batch) when captions name a side.
+        (Precomputed data is checked when its mirrors are written: data_pipeline/precompute.py.)"""
+        if self.cfg.kind != "raw" or self.cfg.flip_prob <= 0 or self.rank != 0:
+            return
+        count = sum(says_left_or_right(c) for c in captions)
+        if count:
+            warnings.warn(flip_contradiction(count, len(captions), f"images are mirrored with probability "
+                                             f"{self.cfg.flip_prob:g} (counted in the first batch)"), stacklevel=3)
 
     def iter_epoch(self) -> Iterator[dict]:
         """The batches left in the current epoch (all of them at an epoch start)."""

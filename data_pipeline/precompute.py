@@ -32,6 +32,7 @@ from .loader import OnePassLoader
 from .samples import FLIP_SUFFIX
 from .shards import expand_urls, split_by_rank
 from .tensors import ARRAYS_MEMBER, arrays_bytes
+from .transforms import flip_contradiction, says_left_or_right
 
 EncodeImages = Callable[[torch.Tensor], dict]
 EncodeCaptions = Callable[[list], dict]
@@ -111,7 +112,7 @@ def precompute_shards(cfg: DataConfig, urls: str | Sequence[str], out_dir: str |
                     summary["samples"] += len(batch["key"])
                     if flip == "pair":
                         summary["left_right_captions"] = summary.get("left_right_captions", 0) + sum(
-                            bool(LEFT_RIGHT.search(c)) for c in batch["caption"])
+                            says_left_or_right(c) for c in batch["caption"])
                     if progress:
                         progress(dict(summary))
                 for url, status in done:
@@ -126,20 +127,9 @@ def precompute_shards(cfg: DataConfig, urls: str | Sequence[str], out_dir: str |
     summary["bad"] = loader.fault_counts()
     summary["seconds"] = round(time.time() - t0, 3)
     if summary.get("left_right_captions"):
-        warnings.warn(flip_warning(summary["left_right_captions"], summary["samples"]), stacklevel=2)
+        warnings.warn(flip_contradiction(summary["left_right_captions"], summary["samples"],
+                                         "mirrored latents were written for every sample"), stacklevel=2)
     return summary
-
-
-# Horizontal flips make these words wrong for every mirrored sample ("a cat to the left of a dog" pictured the
-# other way round): a model trained on both cannot learn left from right.
-LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
-
-
-def flip_warning(count: int, samples: int) -> str:
-    return (f"{count} of {samples} captions say 'left' or 'right', and mirrored latents were written for every "
-            "sample (data.flip_prob > 0): training on them contradicts those captions half the time. For data "
-            "whose captions describe layout set data.flip_prob: 0 (precompute then writes no mirror, and stage two "
-            "never takes one).")
 
 
 def _write_batch(batch: dict, encode_images: EncodeImages, encode_captions: EncodeCaptions, flip: str, dtype: str,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -66,6 +67,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------- aspect buckets
+
+# Horizontal flips make these words wrong for every mirrored sample ("a cat to the left of a dog" pictured the
+# other way round): a model trained on both cannot learn left from right.
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def says_left_or_right(caption: str) -> bool:
+    return bool(_LEFT_RIGHT.search(caption or ""))
+
+
+def flip_contradiction(count: int, samples: int, what: str) -> str:
+    """The warning for captions that name a side while their images (or latents) are mirrored."""
+    return (f"{count} of {samples} captions say 'left' or 'right', and {what} (data.flip_prob > 0): training "
+            "contradicts those captions whenever a sample is mirrored. For data whose captions describe layout "
+            "set data.flip_prob: 0 (precompute then writes no mirrors, and stage two never takes one).")
+
 
 def make_buckets(size: int, step: int, max_ratio: float) -> list[tuple[int, int]]:
     """(width, height) pairs of about size**2 pixels, sides multiples of `step`, ratio <= max_ratio."""

@@ -174,3 +174,21 @@ def test_precompute_warns_when_flips_contradict_left_right_captions(tmp_path):
         s = precompute_shards(cfg, cfg.urls, tmp_path / "none", encode_images=enc, encode_captions=encode_captions,
                               batch_size=8, flip="none")
     assert "left_right_captions" not in s and s["samples"] == 40
+
+
+def test_train_loader_warns_once_when_flipped_images_have_left_right_captions(tmp_path):
+    """Online (raw) training mirrors images itself: the first batch's captions are checked, once."""
+    import warnings
+
+    import pytest
+
+    write_synthetic(tmp_path / "src", 24, size=32, seed=3, shard_size=24, tier="compositional")
+    for flip_prob, expect in ((0.5, True), (0.0, False)):
+        cfg = DataConfig(urls=[str(tmp_path / "src")], image_size=32, num_workers=0, flip_prob=flip_prob)
+        loader = build_train_loader(cfg, rank=0, world_size=1, seed=0, batch_size=12)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            next(loader), next(loader)
+        said = [w for w in record if "say 'left' or 'right'" in str(w.message)]
+        assert len(said) == (1 if expect else 0), flip_prob
+        loader.close()
