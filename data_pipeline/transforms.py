@@ -66,7 +66,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
 
 
-# ----------------------------------------------------------------------------- aspect buckets
+# ----------------------------------------------------------------------------- captions against flips
 
 # Horizontal flips make these words wrong for every mirrored sample ("a cat to the left of a dog" pictured the
 # other way round): a model trained on both cannot learn left from right.
@@ -83,6 +83,8 @@ def flip_contradiction(count: int, samples: int, what: str) -> str:
             "contradicts those captions whenever a sample is mirrored. For data whose captions describe layout "
             "set data.flip_prob: 0 (precompute then writes no mirrors, and stage two never takes one).")
 
+
+# ----------------------------------------------------------------------------- aspect buckets
 
 def make_buckets(size: int, step: int, max_ratio: float) -> list[tuple[int, int]]:
     """(width, height) pairs of about size**2 pixels, sides multiples of `step`, ratio <= max_ratio."""
