@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -159,9 +160,10 @@ def run(demo: Path, rows: list[str], steps: int, seen: int, held_out: int, quick
         table.append({"row": name, "what": what, "params": params, "gflop_per_sample": fps / 1e9, "steps": row_steps,
                       "train_gflop": fps * row_steps * _batch(config, train) / 1e9, "train_seconds": train_s,
                       "final_step": result.get("step"), **_scores(tier_name, judged)})
+    measured_on = host(threads)
     return {"benchmark": "quality", "tier": tier_name, "quick": quick, "reference": REFERENCE,
             "reference_steps": steps, "seen_prompts": seen, "held_out_prompts": held_out,
-            "rows": [{**r, "host": host(threads)} for r in table], "host": host(threads)}
+            "rows": [{**r, "host": measured_on} for r in table], "host": measured_on}
 
 
 SAME_TABLE = ("benchmark", "tier", "quick", "reference", "reference_steps", "seen_prompts", "held_out_prompts")
@@ -234,8 +236,6 @@ def main(argv=None) -> int:
         steps = 4 if args.quick else load_config(DemoSettings.for_tier(args.tier, demo).diffusion_config).train.max_steps
     result = run(demo, rows, steps, args.seen, args.held_out, args.quick, args.threads, args.tier)
     name = ("quality" if args.tier == "compositional" else f"quality_{args.tier}") + ("_quick" if args.quick else "")
-    import os
-
     saved = Path(os.environ.get(RESULTS_ENV) or RESULTS) / f"{name}.json"
     if saved.is_file():
         result = merge_rows(json.loads(saved.read_text()), result)

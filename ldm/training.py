@@ -107,8 +107,6 @@ class DiffusionStage:
         is needed for conditioning.null_embedding 'empty'. `autoencoder`: frozen module with encode(x) -> posterior
         and decode(z); needed for raw images and to decode previews. `flip_prob`: how often a sample with
         precomputed mirrored latents takes them."""
-        if not 0.0 <= flip_prob <= 1.0:
-            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         self.flip_prob = flip_prob
         self.denoiser = denoiser
         self.objective = objective
@@ -146,6 +144,18 @@ class DiffusionStage:
                    sampling=cfg.sampling, use_pooled=cfg.denoiser.pooled_dim > 0,
                    latent_shape=latent_shape(cfg.denoiser), empty_condition=empty_condition,
                    flip_prob=getattr(getattr(cfg, "data", None), "flip_prob", 0.5))
+
+    @property
+    def flip_prob(self) -> float:
+        return self._flip_prob
+
+    @flip_prob.setter
+    def flip_prob(self, p: float) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {p}")
+        self._flip_prob = p
+        # a normal draw above its (1 - p) quantile has probability p; at p = 0.5 it is the fair coin of before
+        self._flip_cut = float(torch.special.ndtri(torch.tensor(1.0 - p, dtype=torch.float64)))
 
     # ------------------------------------------------------------------ protocol
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -246,9 +256,7 @@ class DiffusionStage:
         if "latent_mean" in batch:
             mean, std = self._to_device(batch["latent_mean"]), self._to_device(batch.get("latent_std"))
             if "latent_mean_flip" in batch and self.flip_prob > 0:
-                # a normal draw above its (1 - p) quantile: probability p, and at p = 0.5 the same coin as before
-                cut = float(torch.special.ndtri(torch.tensor(1.0 - self.flip_prob, dtype=torch.float64)))
-                pick = _randn(mean[:, :1, :1, :1], generator) > cut
+                pick = _randn(mean[:, :1, :1, :1], generator) > self._flip_cut
                 mean = torch.where(pick, self._to_device(batch["latent_mean_flip"]), mean)
                 if std is not None and "latent_std_flip" in batch:
                     std = torch.where(pick, self._to_device(batch["latent_std_flip"]), std)
