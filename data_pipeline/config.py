@@ -75,6 +75,9 @@ class DataConfig:
     # --- transforms ---
     crop: Literal["center", "random"] = "random"   # evaluation always crops at the center
     flip_prob: float = field(default=0.5, metadata={"ge": 0, "le": 1})  # evaluation never flips
+    # A mirrored sample's caption swaps 'left' and 'right' (raw: as the image is flipped; precomputed: the
+    # swapped caption is encoded beside the mirrored latents), so layout captions stay true under flips.
+    mirror_captions: bool = True
     interpolation: Literal["bilinear", "bicubic", "lanczos", "box"] = "bicubic"
     # Aspect-ratio buckets: sizes of about image_size**2 pixels, sides multiples of bucket_step, ratios up to
     # bucket_max_ratio; each batch comes from one bucket.

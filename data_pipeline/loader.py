@@ -64,6 +64,8 @@ def _fingerprint(cfg: DataConfig) -> str:
     picked = {k: getattr(cfg, k) for k in keys}
     if cfg.val_fraction and not cfg.val_urls:  # it changes the training shards (absent when off: old states match)
         picked["val_fraction"] = cfg.val_fraction
+    if not cfg.mirror_captions:  # the captions a mirrored sample carries (absent at the default: old states match)
+        picked["mirror_captions"] = False
     blob = json.dumps(picked, sort_keys=True, default=lambda o: o.__dict__)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -174,9 +176,10 @@ class TrainLoader:
         return _finish(batch, self.cfg.pin_memory)
 
     def _warn_if_flips_contradict(self, captions: list) -> None:
-        """Raw images are mirrored here with data.flip_prob: say so once (first batch) when captions name a side.
+        """Raw images are mirrored here with data.flip_prob: say so once (first batch) when captions name a side
+        and are not mirrored with them (data.mirror_captions false).
         (Precomputed data is checked when its mirrors are written: data_pipeline/precompute.py.)"""
-        if self.cfg.kind != "raw" or self.cfg.flip_prob <= 0 or self.rank != 0:
+        if self.cfg.kind != "raw" or self.cfg.flip_prob <= 0 or self.cfg.mirror_captions or self.rank != 0:
             return
         count = sum(says_left_or_right(c) for c in captions)
         if count:

@@ -4,7 +4,8 @@ Model-agnostic: the caller passes `encode_images(images [B,3,H,W] in [-1,1]) -> 
 "latent_std"?, ...}` and `encode_captions(list[str]) -> {"text_hidden", "text_mask", "text_pooled"}`.
 Storing the posterior (mean, std) rather than one sample lets training draw a fresh latent every
 step; with `flip="pair"` the flipped image is encoded too (`{name}_flip`), because flipping a
-latent is not the same as encoding the flipped image. Caption dropout is not applied here: done
+latent is not the same as encoding the flipped image; a caption that says left or right then gets its
+mirrored text too (`text_*_flip`, of the caption with the sides swapped; data.mirror_captions). Caption dropout is not applied here: done
 once at precompute time, the same samples would always be unconditional (ARCHITECTURE.md §3).
 
 Each source shard `NAME.tar` becomes `OUT/NAME.tar` (written to a temporary name, renamed when
@@ -32,7 +33,7 @@ from .loader import OnePassLoader
 from .samples import FLIP_SUFFIX
 from .shards import expand_urls, split_by_rank
 from .tensors import ARRAYS_MEMBER, arrays_bytes
-from .transforms import flip_contradiction, says_left_or_right
+from .transforms import flip_contradiction, mirror_caption, says_left_or_right
 
 EncodeImages = Callable[[torch.Tensor], dict]
 EncodeCaptions = Callable[[list], dict]
@@ -108,11 +109,13 @@ def precompute_shards(cfg: DataConfig, urls: str | Sequence[str], out_dir: str |
         with torch.inference_mode():
             for batch, done in loader.events():
                 if batch is not None:
-                    _write_batch(batch, encode_images, encode_captions, flip, dtype, writer_for)
+                    mirrored = _write_batch(batch, encode_images, encode_captions, flip, dtype, writer_for,
+                                            mirror_captions=cfg.mirror_captions)
                     summary["samples"] += len(batch["key"])
                     if flip == "pair":
-                        summary["left_right_captions"] = summary.get("left_right_captions", 0) + sum(
-                            says_left_or_right(c) for c in batch["caption"])
+                        key = "mirrored_captions" if cfg.mirror_captions else "left_right_captions"
+                        summary[key] = summary.get(key, 0) + (mirrored if cfg.mirror_captions else sum(
+                            says_left_or_right(c) for c in batch["caption"]))
                     if progress:
                         progress(dict(summary))
                 for url, status in done:
@@ -133,7 +136,8 @@ def precompute_shards(cfg: DataConfig, urls: str | Sequence[str], out_dir: str |
 
 
 def _write_batch(batch: dict, encode_images: EncodeImages, encode_captions: EncodeCaptions, flip: str, dtype: str,
-                 writer_for: Callable[[str], TarWriter]) -> None:
+                 writer_for: Callable[[str], TarWriter], mirror_captions: bool = True) -> int:
+    """Encode and write one batch; returns how many captions got a mirrored partner."""
     images = batch["image"]
     arrays = {k: _to_numpy(v, dtype) for k, v in encode_images(images).items()}
     if "latent_mean" not in arrays:
@@ -141,16 +145,33 @@ def _write_batch(batch: dict, encode_images: EncodeImages, encode_captions: Enco
     if flip == "pair":
         flipped = encode_images(torch.flip(images, dims=[-1]))
         arrays.update({k + FLIP_SUFFIX: _to_numpy(v, dtype) for k, v in flipped.items()})
-    text = {k: _to_numpy(v, dtype) for k, v in encode_captions(list(batch["caption"])).items()}
-    if "text_hidden" not in text:
-        raise ValueError(f"encode_captions must return 'text_hidden' (got {', '.join(text)})")
-    if "text_mask" in text:
-        text["text_mask"] = text["text_mask"].astype(bool)
-    arrays.update(text)
+    arrays.update(_text_arrays(encode_captions(list(batch["caption"])), dtype))
+    # The mirrored image's caption says the other side: encode it for the captions that name one, stored
+    # beside the mirrored latents ({name}_flip; the loader takes both together). The others need no partner.
+    partners: dict[int, dict] = {}
+    if flip == "pair" and mirror_captions:
+        mirrored = {i: mirror_caption(c) for i, c in enumerate(batch["caption"]) if says_left_or_right(c)}
+        if mirrored:
+            encoded = _text_arrays(encode_captions(list(mirrored.values())), dtype)
+            partners = {i: {name + FLIP_SUFFIX: a[j] for name, a in encoded.items()} for j, i in enumerate(mirrored)}
     for i, key in enumerate(batch["key"]):
         record = dict(batch["json"][i])
         record.update(key=key, caption=batch["caption"][i], source_url=batch["url"][i], flip=flip,
                       latent_shape=list(arrays["latent_mean"][i].shape))
+        sample_arrays = {name: a[i] for name, a in arrays.items()}
+        if i in partners:
+            record["caption_flip"] = mirror_caption(batch["caption"][i])
+            sample_arrays.update(partners[i])
         member = {"__key__": key, "txt": batch["caption"][i].encode(), "json": json.dumps(record).encode(),
-                  ARRAYS_MEMBER: arrays_bytes({name: a[i] for name, a in arrays.items()})}
+                  ARRAYS_MEMBER: arrays_bytes(sample_arrays)}
         writer_for(batch["url"][i]).write(member)
+    return len(partners)
+
+
+def _text_arrays(encoded: dict, dtype: str) -> dict:
+    text = {k: _to_numpy(v, dtype) for k, v in encoded.items()}
+    if "text_hidden" not in text:
+        raise ValueError(f"encode_captions must return 'text_hidden' (got {', '.join(text)})")
+    if "text_mask" in text:
+        text["text_mask"] = text["text_mask"].astype(bool)
+    return text

@@ -17,8 +17,8 @@ from . import faults as F
 from .config import DataConfig
 from .faults import Fault
 from .tensors import ARRAYS_MEMBER, arrays_load, npy_load
-from .transforms import (JsonFilter, decode_to, exif_orientation, make_buckets, nearest_bucket, open_image,
-                         original_size, upright_size)
+from .transforms import (JsonFilter, decode_to, draw_flip, exif_orientation, make_buckets, mirror_caption,
+                         nearest_bucket, open_image, original_size, upright_size)
 
 # Precomputed shards must hold these arrays; others (latent_std, text_pooled, ...) are optional.
 REQUIRED_ARRAYS = ("latent_mean", "text_hidden")
@@ -126,10 +126,13 @@ class Decoder:
                 return Filtered(reason)
         target = nearest_bucket(self.buckets, *size) if self.buckets else (self.cfg.image_size,) * 2
         try:
-            pixels = decode_to(img, target, crop=self.crop, rng=rng, flip_prob=self.flip_prob,
+            flip = draw_flip(rng, self.flip_prob)   # decode_to's first draw, made here so the caption can follow
+            pixels = decode_to(img, target, crop=self.crop, rng=rng, flip=flip,
                                interpolation=self.cfg.interpolation)
         except Exception as e:  # truncated data, bad palette, decompression bomb, ...
             return Fault(F.UNDECODABLE_IMAGE, url, key, f"{type(e).__name__}: {e}")
+        if flip and self.cfg.mirror_captions:
+            caption = mirror_caption(caption)
         return Sample(key=key, caption=caption, bucket=tuple(target), image=pixels, url=url,
                       meta=(meta or {}) if self.with_meta else {}, original_size=size, format=ext)
 
@@ -146,8 +149,11 @@ class Decoder:
         missing = [n for n in REQUIRED_ARRAYS if n not in arrays]
         if missing:
             return Fault(F.MISSING_TENSOR, url, key, f"no {', '.join(missing)} (in {ARRAYS_MEMBER} or as .npy)")
-        # Flips were encoded at precompute time as a pair (name, name_flip); pick one per sample.
-        flip = rng is not None and self.flip_prob > 0 and rng.random() < self.flip_prob
+        # Flips were encoded at precompute time as a pair (name, name_flip); pick one per sample. Text arrays
+        # have a partner only where the caption names a side (data.mirror_captions): the caption follows them.
+        flip = draw_flip(rng, self.flip_prob)
+        if flip and any(n.startswith("text") and n.endswith(FLIP_SUFFIX) for n in arrays):
+            caption = mirror_caption(caption)
         out = {}
         for name, a in arrays.items():
             if name.endswith(FLIP_SUFFIX):

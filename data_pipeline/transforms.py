@@ -69,19 +69,34 @@ def to_rgb(img: Image.Image) -> Image.Image:
 # ----------------------------------------------------------------------------- captions against flips
 
 # Horizontal flips make these words wrong for every mirrored sample ("a cat to the left of a dog" pictured the
-# other way round): a model trained on both cannot learn left from right.
-_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+# other way round): a model trained on both cannot learn left from right. With data.mirror_captions (the
+# default) a mirrored sample's caption says the other side instead, so the flip stays an augmentation.
+_LEFT_RIGHT = re.compile(r"\b(left|right)(?=(?:most|wards?)?\b)", re.IGNORECASE)
+_OTHER_SIDE = {"left": "right", "right": "left"}
 
 
 def says_left_or_right(caption: str) -> bool:
     return bool(_LEFT_RIGHT.search(caption or ""))
 
 
+def mirror_caption(caption: str) -> str:
+    """The caption of the mirrored image: 'left' and 'right' (also in leftmost, rightwards, left-hand) trade
+    places, in the case they were written in; every other word stays."""
+    def other(match: re.Match) -> str:
+        word = match.group(1)
+        swapped = _OTHER_SIDE[word.lower()]
+        if word.isupper():
+            return swapped.upper()
+        return swapped.capitalize() if word[0].isupper() else swapped
+    return _LEFT_RIGHT.sub(other, caption or "")
+
+
 def flip_contradiction(count: int, samples: int, what: str) -> str:
-    """The warning for captions that name a side while their images (or latents) are mirrored."""
-    return (f"{count} of {samples} captions say 'left' or 'right', and {what} (data.flip_prob > 0): training "
-            "contradicts those captions whenever a sample is mirrored. For data whose captions describe layout "
-            "set data.flip_prob: 0 (precompute then writes no mirrors, and stage two never takes one).")
+    """The warning for captions that name a side while their images (or latents) are mirrored and the
+    captions are kept as they are (data.mirror_captions false)."""
+    return (f"{count} of {samples} captions say 'left' or 'right', and {what} with data.mirror_captions false: "
+            "training contradicts those captions whenever a sample is mirrored. Set data.mirror_captions: true "
+            "(a mirrored sample's caption then says the other side) or data.flip_prob: 0 (no mirrors).")
 
 
 # ----------------------------------------------------------------------------- aspect buckets
@@ -112,12 +127,13 @@ def open_image(data: bytes) -> Image.Image:
 
 
 def decode_to(img: Image.Image, target: tuple[int, int], *, crop: str = "center",
-              rng: Optional[random.Random] = None, flip_prob: float = 0.0,
+              rng: Optional[random.Random] = None, flip_prob: float = 0.0, flip: Optional[bool] = None,
               interpolation: str = "bicubic") -> np.ndarray:
     """An opened image -> uint8 array [th, tw, 3]: upright, shorter side fitted, cropped, maybe flipped.
 
     Random draws (in this order: flip, crop x, crop y) come from `rng`, so a seeded rng per sample
-    makes the result reproducible."""
+    makes the result reproducible. A caller that must know whether the image was mirrored (to mirror its
+    caption) draws the flip itself with `draw_flip` and passes `flip`: the draws stay the same."""
     tw, th = target
     orient = exif_orientation(img)
     uw, uh = upright_size(img, orient)
@@ -129,7 +145,8 @@ def decode_to(img: Image.Image, target: tuple[int, int], *, crop: str = "center"
     for op in _ORIENT.get(orient, ()):
         img = img.transpose(op)
     w, h = img.size
-    flip = rng is not None and flip_prob > 0 and rng.random() < flip_prob
+    if flip is None:
+        flip = draw_flip(rng, flip_prob)
     s = max(tw / w, th / h)
     rw, rh = max(tw, round(w * s)), max(th, round(h * s))
     if crop == "random" and rng is not None:
@@ -146,6 +163,11 @@ def decode_to(img: Image.Image, target: tuple[int, int], *, crop: str = "center"
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(img)
+
+
+def draw_flip(rng: Optional[random.Random], flip_prob: float) -> bool:
+    """The flip coin of one training sample (no draw without an rng or at probability 0)."""
+    return rng is not None and flip_prob > 0 and rng.random() < flip_prob
 
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:

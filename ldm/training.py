@@ -5,7 +5,8 @@ Batches (docs/CONTRIBUTING.md), either kind, in any mix of keys:
 - precomputed: `latent_mean` (+ `latent_std`) [B,C,h,w] are the autoencoder's raw posterior; when the
   data also carries `latent_mean_flip` (+ `latent_std_flip`), the latents of the mirrored image, each
   sample takes the mirrored one with probability `flip_prob` (the config's data.flip_prob; flip augmentation
-  without re-encoding; 0 for captions that say left or right);
+  without re-encoding). The data loader makes this pick itself, together with the swapped caption's text
+  (`text_*_flip`, data.mirror_captions), so its batches arrive with neither partner;
 - text: `text_hidden`, `text_mask`, `text_pooled` if precomputed, else `caption` through the frozen
   open_clip encoder. Either way the same keys come out, so both sources are interchangeable.
 Latents given to the denoiser: (posterior sample (mean + std * noise) - shift_factor) * scaling_factor.

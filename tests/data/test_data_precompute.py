@@ -152,43 +152,79 @@ def test_precomputed_reader_takes_one_member_npy_members_and_counts_damage(tmp_p
             assert np.array_equal(b[name][i].numpy(), a), (key, name)
 
 
-def test_precompute_warns_when_flips_contradict_left_right_captions(tmp_path):
-    """Mirrored latents for captions that say left or right teach the model the opposite half the time:
-    precompute with flip pairs says so, naming how many captions and the key that turns it off; a
-    compositional tier of position captions, written without pairs, gets no warning."""
+def test_precompute_mirrors_left_right_captions_with_their_latents(tmp_path):
+    """A mirrored image of "a yellow square to the left of a purple circle" shows the square on the right:
+    precompute with flip pairs encodes the caption with the sides swapped for exactly the captions that name
+    a side, and the loader takes it together with the mirrored latents (flip_prob 1) or neither (flip_prob 0).
+    With data.mirror_captions false it warns instead, naming how many captions and both keys; without pairs
+    nothing is said."""
     import warnings
 
     import pytest
+
+    from data_pipeline.transforms import mirror_caption, says_left_or_right
 
     src = tmp_path / "src"
     write_synthetic(src, 40, size=32, seed=3, shard_size=40, tier="compositional")
     cfg = DataConfig(urls=[str(src)], image_size=32, num_workers=0)
     enc = TinyEncoder().eval()
-    with pytest.warns(UserWarning, match=r"captions say 'left' or 'right'.*data.flip_prob: 0") as record:
-        s = precompute_shards(cfg, cfg.urls, tmp_path / "pairs", encode_images=enc, encode_captions=encode_captions,
-                              batch_size=8, flip="pair")
-    assert 0 < s["left_right_captions"] < s["samples"] == 40
-    assert f"{s['left_right_captions']} of 40 captions" in str(record[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        s = precompute_shards(cfg, cfg.urls, tmp_path / "none", encode_images=enc, encode_captions=encode_captions,
+        s = precompute_shards(cfg, cfg.urls, tmp_path / "pairs", encode_images=enc, encode_captions=encode_captions,
+                              batch_size=8, flip="pair")
+    sides = 0
+    for flip_prob in (1.0, 0.0):
+        tcfg = DataConfig(urls=[str(tmp_path / "pairs")], kind="precomputed", num_workers=0, flip_prob=flip_prob,
+                          batches_per_epoch=1, shuffle_buffer=0)
+        b = next(build_train_loader(tcfg, rank=0, world_size=1, seed=0, batch_size=40))
+        for i, caption in enumerate(b["caption"]):
+            original = mirror_caption(caption) if flip_prob and says_left_or_right(caption) else caption
+            sides += bool(flip_prob) and says_left_or_right(caption)
+            expect = encode_captions([caption])
+            assert torch.equal(b["text_hidden"][i], expect["text_hidden"][0]), (flip_prob, caption)
+            assert torch.equal(b["text_mask"][i], expect["text_mask"][0])
+            assert (caption != original) == (flip_prob == 1.0 and says_left_or_right(original))
+        assert not any(k.endswith("_flip") for k in b)
+    assert 0 < sides == s["mirrored_captions"] < s["samples"] == 40 and "left_right_captions" not in s
+
+    kept = DataConfig(urls=[str(src)], image_size=32, num_workers=0, mirror_captions=False)
+    with pytest.warns(UserWarning, match=r"captions say 'left' or 'right'.*data.mirror_captions: true.*"
+                                         r"data.flip_prob: 0") as record:
+        s = precompute_shards(kept, kept.urls, tmp_path / "kept", encode_images=enc, encode_captions=encode_captions,
+                              batch_size=8, flip="pair")
+    assert s["left_right_captions"] == sides and "mirrored_captions" not in s
+    assert f"{sides} of 40 captions" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = precompute_shards(kept, kept.urls, tmp_path / "none", encode_images=enc, encode_captions=encode_captions,
                               batch_size=8, flip="none")
     assert "left_right_captions" not in s and s["samples"] == 40
 
 
 def test_train_loader_warns_once_when_flipped_images_have_left_right_captions(tmp_path):
-    """Online (raw) training mirrors images itself: the first batch's captions are checked, once."""
+    """Online (raw) training mirrors images itself: with data.mirror_captions false the first batch's
+    captions are checked, once; at the default the caption is mirrored with the image and nothing is said."""
     import warnings
 
-    import pytest
+    from data_pipeline.transforms import mirror_caption, says_left_or_right
 
     write_synthetic(tmp_path / "src", 24, size=32, seed=3, shard_size=24, tier="compositional")
-    for flip_prob, expect in ((0.5, True), (0.0, False)):
-        cfg = DataConfig(urls=[str(tmp_path / "src")], image_size=32, num_workers=0, flip_prob=flip_prob)
+    source = {}
+    for b in build_eval_loader(DataConfig(urls=[str(tmp_path / "src")], image_size=32, num_workers=0),
+                               [str(tmp_path / "src")], rank=0, world_size=1, batch_size=24):
+        source.update({k: (c, img) for k, c, img in zip(b["key"], b["caption"], b["image"])})
+    assert sum(says_left_or_right(c) for c, _ in source.values()) > 0
+    for flip_prob, mirror, expect in ((0.5, False, True), (0.0, False, False), (0.5, True, False), (1.0, True, False)):
+        cfg = DataConfig(urls=[str(tmp_path / "src")], image_size=32, num_workers=0, flip_prob=flip_prob,
+                         mirror_captions=mirror, crop="center")
         loader = build_train_loader(cfg, rank=0, world_size=1, seed=0, batch_size=12)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            next(loader), next(loader)
+            batches = [next(loader), next(loader)]
         said = [w for w in record if "say 'left' or 'right'" in str(w.message)]
         assert len(said) == (1 if expect else 0), flip_prob
+        if flip_prob == 1.0:   # every image mirrored, and every caption with it
+            for b in batches:
+                for k, c, img in zip(b["key"], b["caption"], b["image"]):
+                    assert c == mirror_caption(source[k][0]) and torch.equal(img, torch.flip(source[k][1], [-1]))
         loader.close()

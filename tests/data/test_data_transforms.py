@@ -11,8 +11,8 @@ from PIL import Image
 
 from data_pipeline import DataConfig
 from data_pipeline.samples import Decoder, Filtered, Sample
-from data_pipeline.transforms import (JsonFilter, decode_to, make_buckets, nearest_bucket, open_image, to_float,
-                                      to_rgb)
+from data_pipeline.transforms import (JsonFilter, decode_to, draw_flip, make_buckets, mirror_caption, nearest_bucket,
+                                      open_image, says_left_or_right, to_float, to_rgb)
 from datakit import jpeg, odd_mode_images, png
 
 
@@ -94,6 +94,32 @@ def test_flip_and_draft_decode():
     img = open_image(data)
     decode_to(img, (16, 16))
     assert img.size == (16, 16)  # the decoder delivered the reduced size directly
+
+
+def test_flip_drawn_by_the_caller_keeps_the_random_stream():
+    """The decoder draws the flip itself (to mirror the caption) and passes it: the image, and the crop
+    drawn after the flip, are those decode_to draws on its own from the same seed."""
+    a = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    data = png(Image.fromarray(a))
+    for seed in range(6):
+        alone = decode(data, (16, 16), rng=random.Random(seed), flip_prob=0.5, crop="random")
+        rng = random.Random(seed)
+        flip = draw_flip(rng, 0.5)
+        assert np.array_equal(decode(data, (16, 16), rng=rng, flip=flip, crop="random"), alone)
+    assert draw_flip(None, 1.0) is False and draw_flip(random.Random(0), 0.0) is False
+
+
+def test_mirror_caption_swaps_sides_and_nothing_else():
+    assert mirror_caption("a yellow square to the left of a purple circle") == \
+        "a yellow square to the right of a purple circle"
+    assert mirror_caption("Left: a cat; RIGHT: a dog, rightmost a bird, looking leftwards") == \
+        "Right: a cat; LEFT: a dog, leftmost a bird, looking rightwards"
+    assert mirror_caption("his left-hand glove, all rights reserved, copyright, leftover") == \
+        "his right-hand glove, all rights reserved, copyright, leftover"
+    assert mirror_caption("a red circle above a blue square") == "a red circle above a blue square"
+    for caption in ("a cat to the left of a dog", "Rightmost tree", "leftover pizza", "bright light"):
+        assert mirror_caption(mirror_caption(caption)) == caption
+        assert says_left_or_right(caption) == (mirror_caption(caption) != caption)
 
 
 def test_to_float_range_and_layout():
