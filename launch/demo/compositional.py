@@ -47,10 +47,10 @@ class CompositionalTier:
     estimates: Optional[dict] = None
 
     def __post_init__(self):
-        # seconds per phase on 2 cores (the ETA of the progress lines): stage two measured 969 s on a Xeon and
-        # ~1,200 s on an EPYC (1,800 steps of batch 128)
-        self.estimates = self.estimates or {"data": 10, "stage1": 300, "export1": 5, "recon": 5, "precompute": 40,
-                                            "stage2": 1050, "export2": 5, "sample": 100, "adherence": 15,
+        # seconds per phase on 2 cores (the ETA of the progress lines): stage two measured 644 s on an EPYC
+        # (1,800 steps of batch 64), sampling 156 s
+        self.estimates = self.estimates or {"data": 5, "stage1": 300, "export1": 5, "recon": 5, "precompute": 35,
+                                            "stage2": 650, "export2": 5, "sample": 150, "adherence": 5,
                                             "report": 5}
 
     def key(self, s) -> list:

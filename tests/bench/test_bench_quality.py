@@ -26,6 +26,9 @@ def test_equal_flops_per_row_and_every_row_judged(tmp_path, results):
     assert list(rows) == ["unet-flow-ln", "unet-eps", "mmdit-flow-ln"]
     ref = rows["unet-flow-ln"]
     assert ref["steps"] == 6 and ref["final_step"] == 6
+    # every row at the table's batch, not the demo config's (64 for the compositional demo)
+    assert result["batch"] == quality.TABLE_BATCH == 128
+    assert ref["train_gflop"] == pytest.approx(ref["gflop_per_sample"] * 6 * 128, rel=1e-9)
     # the objective does not change the network: same FLOPs, same steps; another network gets its own count
     assert rows["unet-eps"]["gflop_per_sample"] == pytest.approx(ref["gflop_per_sample"], rel=1e-9)
     assert rows["unet-eps"]["steps"] == 6
@@ -98,3 +101,7 @@ def test_a_run_of_some_rows_adds_them_to_the_saved_table():
          "seen": 0.5, "held_out": 0.5}]})
     other = _table([("mmdit-rope-flow-ln", 0.3)], steps=900)
     assert [r["row"] for r in quality.merge_rows(saved, other)["rows"]] == ["mmdit-rope-flow-ln"]
+    # a table saved before the batch was recorded ran at TABLE_BATCH; another batch is another table
+    assert len(quality.merge_rows(saved, {**new, "batch": quality.TABLE_BATCH})["rows"]) == 3
+    assert [r["row"] for r in quality.merge_rows(saved, {**new, "batch": 64})["rows"]] == \
+        ["mmdit-rope-flow-ln", "mmdit-flow-ln"]
