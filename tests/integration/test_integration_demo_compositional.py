@@ -66,6 +66,20 @@ def test_compositional_demo_runs_every_phase_and_scores_every_task(tmp_path):
     assert sum("reused" in line for line in logs) == 9, logs
 
 
+def test_report_names_the_text_tower_a_user_gave(tmp_path):
+    """The frozen tower is the demo's random one unless `--stage2 text_encoder.pretrained=FILE` names weights;
+    the report says which (no weights are loaded to say it)."""
+    from launch.demo.compositional import text_tower
+
+    plain = DemoSettings.for_tier("compositional", tmp_path / "a")
+    assert "randomly initialised (seed 0)" in text_tower(plain)
+    given = DemoSettings.for_tier("compositional", tmp_path / "b", overrides_stage2=[
+        f"text_encoder.pretrained={tmp_path / 'tower.pt'}", "text_encoder.layer=penultimate", "train.seed=3"])
+    said = text_tower(given)
+    assert f"weights from {tmp_path / 'tower.pt'}" in said and "layer `penultimate`" in said
+    assert "randomly" not in said
+
+
 def test_finetune_refuses_the_compositional_tier():
     proc = subprocess.run([sys.executable, "-m", "launch", "demo", "--tier", "compositional", "--finetune"],
                           cwd=REPO, capture_output=True, text=True)
