@@ -5,8 +5,9 @@ Model-agnostic: the caller passes `encode_images(images [B,3,H,W] in [-1,1]) -> 
 Storing the posterior (mean, std) rather than one sample lets training draw a fresh latent every
 step; with `flip="pair"` the flipped image is encoded too (`{name}_flip`), because flipping a
 latent is not the same as encoding the flipped image; a caption that says left or right then gets its
-mirrored text too (`text_*_flip`, of the caption with the sides swapped; data.mirror_captions). Caption dropout is not applied here: done
-once at precompute time, the same samples would always be unconditional (ARCHITECTURE.md §3).
+mirrored text too (`text_*_flip`, of the caption with the sides swapped; data.mirror_captions). Caption
+dropout is not applied here: done once at precompute time, the same samples would always be unconditional
+(ARCHITECTURE.md §3).
 
 Each source shard `NAME.tar` becomes `OUT/NAME.tar` (written to a temporary name, renamed when
 complete; `NAME.tar.empty` when it had no good sample), so a rerun skips finished shards.
