@@ -2,11 +2,9 @@
 
 Batches (docs/CONTRIBUTING.md), either kind, in any mix of keys:
 - raw: `image` [B,3,H,W] in [-1,1] is encoded online by the frozen autoencoder passed in;
-- precomputed: `latent_mean` (+ `latent_std`) [B,C,h,w] are the autoencoder's raw posterior; when the
-  data also carries `latent_mean_flip` (+ `latent_std_flip`), the latents of the mirrored image, each
-  sample takes the mirrored one with probability `flip_prob` (the config's data.flip_prob; flip augmentation
-  without re-encoding). The data loader makes this pick itself, together with the swapped caption's text
-  (`text_*_flip`, data.mirror_captions), so its batches arrive with neither partner;
+- precomputed: `latent_mean` (+ `latent_std`) [B,C,h,w] are the autoencoder's raw posterior. Flips are the
+  data loader's: it picks a sample's mirrored latents with data.flip_prob, together with the swapped caption's
+  text (data.mirror_captions), so a batch carries one of each; a batch with `*_flip` partners is refused;
 - text: `text_hidden`, `text_mask`, `text_pooled` if precomputed, else `caption` through the frozen
   open_clip encoder. Either way the same keys come out, so both sources are interchangeable.
 Latents given to the denoiser: (posterior sample (mean + std * noise) - shift_factor) * scaling_factor.
@@ -102,13 +100,11 @@ class DiffusionStage:
                  autoencoder: Optional[nn.Module] = None, conditioning: ConditioningConfig = ConditioningConfig(),
                  latents: LatentConfig = LatentConfig(), sampling: SamplingConfig = SamplingConfig(),
                  use_pooled: bool = False, latent_shape: Optional[tuple[int, int, int]] = None,
-                 empty_condition: Optional[Mapping[str, torch.Tensor]] = None, flip_prob: float = 0.5):
+                 empty_condition: Optional[Mapping[str, torch.Tensor]] = None):
         """`text_encoder`: callable captions -> {text_hidden, text_mask, text_pooled} (ldm.text); optional when
         batches carry precomputed text, but then `empty_condition` (the encoded empty prompt, batch 1)
         is needed for conditioning.null_embedding 'empty'. `autoencoder`: frozen module with encode(x) -> posterior
-        and decode(z); needed for raw images and to decode previews. `flip_prob`: how often a sample with
-        precomputed mirrored latents takes them."""
-        self.flip_prob = flip_prob
+        and decode(z); needed for raw images and to decode previews."""
         self.denoiser = denoiser
         self.objective = objective
         self.text_encoder = _freeze(text_encoder)
@@ -143,20 +139,7 @@ class DiffusionStage:
         return cls(build_denoiser_for(cfg), build_objective(cfg.objective), text_encoder=text_encoder,
                    autoencoder=autoencoder, conditioning=cfg.conditioning, latents=cfg.latents,
                    sampling=cfg.sampling, use_pooled=cfg.denoiser.pooled_dim > 0,
-                   latent_shape=latent_shape(cfg.denoiser), empty_condition=empty_condition,
-                   flip_prob=getattr(getattr(cfg, "data", None), "flip_prob", 0.5))
-
-    @property
-    def flip_prob(self) -> float:
-        return self._flip_prob
-
-    @flip_prob.setter
-    def flip_prob(self, p: float) -> None:
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"flip_prob must be in [0, 1], got {p}")
-        self._flip_prob = p
-        # a normal draw above its (1 - p) quantile has probability p; at p = 0.5 it is the fair coin of before
-        self._flip_cut = float(torch.special.ndtri(torch.tensor(1.0 - p, dtype=torch.float64)))
+                   latent_shape=latent_shape(cfg.denoiser), empty_condition=empty_condition)
 
     # ------------------------------------------------------------------ protocol
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -255,12 +238,11 @@ class DiffusionStage:
     @torch.no_grad()
     def encode_latents(self, batch: dict, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if "latent_mean" in batch:
+            partners = sorted(k for k in batch if k.endswith("_flip"))
+            if partners:   # picking here would flip latents without the caption's text: the loader's job
+                raise ValueError(f"batch carries mirrored partners ({', '.join(partners)}): the data loader picks "
+                                 "one of each pair (data.flip_prob, data.mirror_captions)")
             mean, std = self._to_device(batch["latent_mean"]), self._to_device(batch.get("latent_std"))
-            if "latent_mean_flip" in batch and self.flip_prob > 0:
-                pick = _randn(mean[:, :1, :1, :1], generator) > self._flip_cut
-                mean = torch.where(pick, self._to_device(batch["latent_mean_flip"]), mean)
-                if std is not None and "latent_std_flip" in batch:
-                    std = torch.where(pick, self._to_device(batch["latent_std_flip"]), std)
             z = mean + std * _randn(mean, generator) if (std is not None and self.latents.sample_posterior) \
                 else mean
         elif "image" in batch:

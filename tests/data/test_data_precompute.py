@@ -93,6 +93,18 @@ def test_precompute_round_trip_and_loss_equality(tmp_path):
         assert torch.equal(b["latent_mean"][i], ref[k]["flip_mean"])
         assert "latent_mean_flip" not in b
 
+    # data.flip_prob decides how often the stored mirror is taken: never at 0 (no mirrors), always at 1, about p
+    # between, per sample over an epoch's draws
+    for p, lo, hi in ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (0.2, 0.13, 0.27), (0.5, 0.42, 0.58)):
+        pcfg_p = DataConfig(urls=[str(out)], kind="precomputed", num_workers=0, flip_prob=p, batches_per_epoch=40)
+        loader = build_train_loader(pcfg_p, rank=0, world_size=1, seed=0, batch_size=10)
+        drawn = [(b["latent_mean"][i], ref[k]) for b in loader.iter_epoch() for i, k in enumerate(b["key"])]
+        assert len(drawn) == 400
+        # a mirror-symmetric image has equal latents both ways: count only the samples whose mirror differs
+        taken = [torch.equal(z, r["flip_mean"]) for z, r in drawn if not torch.equal(r["flip_mean"], r["latent_mean"])]
+        assert len(taken) > 300 and lo <= sum(taken) / len(taken) <= hi, p
+        loader.close()
+
     # a rerun skips finished shards
     again = precompute_shards(cfg, cfg.urls, out, encode_images=enc, encode_captions=encode_captions,
                               rank=0, world_size=1)
