@@ -3,7 +3,8 @@
 Both wrap a torch DataLoader over the worker streams of stream.py (the DataLoader batches
 nothing: workers hand over whole batches), take each batch's `__meta__` off, add its counts
 to the trainer-side totals, and scale raw images to float32 [-1, 1] here in the main process
-(uint8 crosses the process boundary: a quarter of the bytes).
+(uint8 crosses the process boundary: a quarter of the bytes). The runtime's training loader
+skips that scaling (`uint8_images=True`) and does it on the training device.
 """
 from __future__ import annotations
 
@@ -45,10 +46,10 @@ def _dataloader(dataset, cfg: DataConfig, num_workers: int) -> DataLoader:
     return DataLoader(dataset, **kwargs)
 
 
-def _finish(batch: dict, pin: bool) -> dict:
-    """Scale uint8 images to float; pin after that (pinning the uint8 copy would be wasted)."""
+def _finish(batch: dict, pin: bool, uint8_images: bool = False) -> dict:
+    """Scale uint8 images to float (unless the caller scales them on its device); then pin."""
     image = batch.get("image")
-    if image is not None and not image.dtype.is_floating_point:
+    if image is not None and not image.dtype.is_floating_point and not uint8_images:
         batch["image"] = to_float(image)
     if pin and torch.cuda.is_available():
         batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -102,13 +103,14 @@ class TrainLoader:
     current epoch. `state_dict()` is the position after the last batch handed out."""
 
     def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, seed: int, batch_size: int,
-                 state: Optional[dict] = None):
+                 state: Optional[dict] = None, uint8_images: bool = False):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} / world_size {world_size} is not a valid layout")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.cfg = cfg
         self.rank, self.world_size, self.seed, self.batch_size = rank, world_size, seed, batch_size
+        self.uint8_images = uint8_images   # raw images stay uint8 [B, H, W, 3]: the caller scales them on its device
         self.sources = training_sources(cfg)   # without the shards data.val_fraction holds out
         if not self.sources or not any(u for u, _ in self.sources):
             raise ValueError("data.urls (or data.sources) is empty: nothing to train on")
@@ -173,7 +175,7 @@ class TrainLoader:
                           self.cfg.bad_fraction_min_shards)
         if self._consumed == 1:
             self._warn_if_flips_contradict(batch.get("caption") or [])
-        return _finish(batch, self.cfg.pin_memory)
+        return _finish(batch, self.cfg.pin_memory, self.uint8_images)
 
     def _warn_if_flips_contradict(self, captions: list) -> None:
         """Raw images are mirrored here with data.flip_prob: say so once (first batch) when captions name a side
@@ -320,9 +322,11 @@ class OnePassLoader:
 # ----------------------------------------------------------------------------- the API
 
 def build_train_loader(cfg: DataConfig, *, rank: int, world_size: int, seed: int, batch_size: int,
-                       state: Optional[dict] = None) -> TrainLoader:
-    """Endless, resumable training batches for this rank (same count per epoch on every rank)."""
-    return TrainLoader(cfg, rank=rank, world_size=world_size, seed=seed, batch_size=batch_size, state=state)
+                       state: Optional[dict] = None, uint8_images: bool = False) -> TrainLoader:
+    """Endless, resumable training batches for this rank (same count per epoch on every rank). With
+    `uint8_images`, raw images come as uint8 [B, H, W, 3] for `transforms.to_float_on_device`."""
+    return TrainLoader(cfg, rank=rank, world_size=world_size, seed=seed, batch_size=batch_size, state=state,
+                       uint8_images=uint8_images)
 
 
 def build_eval_loader(cfg: DataConfig, urls: str | Sequence[str], *, rank: int, world_size: int,

@@ -142,7 +142,7 @@ def build_data(cfg: Config, env: DistEnv) -> tuple[object, Callable[[], Iterable
     from data_pipeline.loader import build_eval_loader, build_train_loader, heldout_urls
 
     train = build_train_loader(cfg.data, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
-                               batch_size=cfg.train.micro_batch_size)
+                               batch_size=cfg.train.micro_batch_size, uint8_images=True)   # scaled in to_device
     val = None
     val_urls = heldout_urls(cfg.data)   # data.val_urls, or the shards data.val_fraction holds out of training
     if val_urls:

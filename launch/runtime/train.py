@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from data_pipeline.transforms import to_float_on_device
+
 from . import dist as D
 from launch.report.html import write_report_safely
 
@@ -72,7 +74,12 @@ def flush_denormals() -> None:
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    """Tensors to the training device; raw uint8 images (the training loader's) scaled to float there."""
+    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    image = out.get("image")
+    if image is not None and image.dtype == torch.uint8:
+        out["image"] = to_float_on_device(image)
+    return out
 
 
 class Trainer:

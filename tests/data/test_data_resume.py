@@ -143,3 +143,21 @@ def test_loaders_leave_the_global_rng_alone(clean_shards, workers):
         pass
     assert torch.equal(torch.get_rng_state(), before)
     loader.close()
+
+
+def test_uint8_training_batches_scale_to_the_float_loaders_bit_for_bit(clean_shards):
+    """The runtime's loader hands raw images over as uint8 [B, H, W, 3] and scales them on the training
+    device; that gives exactly the float batches of the host-scaling loader, and the same sample order."""
+    from data_pipeline.transforms import to_float_on_device
+
+    cfg = DataConfig(urls=clean_shards["urls"], image_size=16, crop="random", flip_prob=0.5, shuffle_buffer=8)
+    host = build_train_loader(cfg, rank=0, world_size=1, seed=3, batch_size=4)
+    raw = build_train_loader(cfg, rank=0, world_size=1, seed=3, batch_size=4, uint8_images=True)
+    for a, b in zip(take(host, 5), take(raw, 5)):
+        assert b["image"].dtype == torch.uint8 and b["image"].shape == (4, 16, 16, 3)
+        assert a["image"].dtype == torch.float32 and a["image"].shape == (4, 3, 16, 16)
+        assert a["key"] == b["key"]
+        assert torch.equal(to_float_on_device(b["image"]), a["image"])
+    assert host.state_dict() == raw.state_dict()
+    host.close()
+    raw.close()

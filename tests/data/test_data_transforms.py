@@ -12,7 +12,7 @@ from PIL import Image
 from data_pipeline import DataConfig
 from data_pipeline.samples import Decoder, Filtered, Sample
 from data_pipeline.transforms import (JsonFilter, decode_to, draw_flip, make_buckets, mirror_caption, nearest_bucket,
-                                      open_image, says_left_or_right, to_float, to_rgb)
+                                      open_image, says_left_or_right, to_float, to_float_on_device, to_rgb)
 from datakit import jpeg, odd_mode_images, png
 
 
@@ -127,6 +127,17 @@ def test_to_float_range_and_layout():
     f = to_float(u8)
     assert f.shape == (1, 3, 1, 1) and f.dtype == torch.float32
     assert f.flatten().tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-6)
+
+
+def test_device_scaling_equals_host_scaling_for_every_byte():
+    """to_float_on_device (torch, where the runtime trains) and to_float (numpy, the loader's host path) give
+    the same float32 for all 256 values and the same NCHW layout, so either path trains the same numbers."""
+    u8 = torch.randint(0, 256, (3, 4, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dev, host = to_float_on_device(u8), to_float(u8)
+    assert dev.shape == host.shape == (3, 3, 4, 8) and dev.is_contiguous()
+    assert torch.equal(dev, host)
+    every = torch.arange(256, dtype=torch.uint8).view(1, 16, 16, 1).expand(1, 16, 16, 3).contiguous()
+    assert torch.equal(to_float_on_device(every), to_float(every))
 
 
 def test_buckets_have_about_equal_area_and_bounded_ratio():
