@@ -92,10 +92,14 @@ class JointAttention(nn.Module):
         k, v = torch.cat([k, tk], dim=2), torch.cat([v, tv], dim=2)
         if not self.context_pre_only:
             q = torch.cat([q, self.txt_q_norm(tq)], dim=2)
-        out = attention(q, k, v, key_mask, backend=self.backend)
-        out = out.transpose(1, 2).reshape(b, -1, dim)
-        img_out = self.img_out(out[:, :n])
-        return img_out, (self.txt_out(out[:, n:]) if self.txt_out is not None else None)
+        out = attention(q, k, v, key_mask, backend=self.backend)   # [B, heads, N (+ L), head_dim]
+        # Split the streams before the head merge: each merge is then the one copy its Linear reads, where
+        # merging first and slicing [:, :n] / [:, n:] made strided views that matmul copied a second time.
+        img_o, txt_o = out.split([n, out.shape[2] - n], dim=2)
+        img_out = self.img_out(img_o.transpose(1, 2).reshape(b, n, dim))
+        if self.txt_out is None:
+            return img_out, None
+        return img_out, self.txt_out(txt_o.transpose(1, 2).reshape(b, -1, dim))
 
 
 class MMDiTBlock(nn.Module):
