@@ -16,6 +16,8 @@ its FLOPs per sample, the reference being the demo's recipe (UNet, flow matching
 Rows are reused by a second run when nothing they depend on changed (phases in DEMO/bench_quality/.demo).
 A run of some rows adds them to the saved table when the table was made with the same tier, reference steps
 and prompt counts (a row run again replaces its old one); each row keeps the host and time it was measured on.
+A --steps other than the demo config's saves a table of its own (`quality_shapes_steps3300`: the README shows
+it below the equal-compute one), so a longer trial never replaces the default table.
 """
 from __future__ import annotations
 
@@ -234,14 +236,16 @@ def main(argv=None) -> int:
     if unknown or not rows:
         p.error(f"--rows: unknown {unknown}; allowed: {', '.join(ROWS)}")
     demo = Path(args.demo or ("demo_out_compositional" if args.tier == "compositional" else "demo_out")).resolve()
-    steps = args.steps
-    if steps is None:
-        from launch.demo.run import DemoSettings
-        from launch.runtime.config import load_config
+    from launch.demo.run import DemoSettings
+    from launch.runtime.config import load_config
 
-        steps = 4 if args.quick else load_config(DemoSettings.for_tier(args.tier, demo).diffusion_config).train.max_steps
+    default_steps = 4 if args.quick else \
+        load_config(DemoSettings.for_tier(args.tier, demo).diffusion_config).train.max_steps
+    steps = args.steps if args.steps is not None else default_steps
     result = run(demo, rows, steps, args.seen, args.held_out, args.quick, args.threads, args.tier)
-    name = ("quality" if args.tier == "compositional" else f"quality_{args.tier}") + ("_quick" if args.quick else "")
+    # another reference step count is another table, saved apart: it must not replace the equal-compute one
+    name = ("quality" if args.tier == "compositional" else f"quality_{args.tier}") + ("_quick" if args.quick else "") \
+        + (f"_steps{steps}" if steps != default_steps and not args.quick else "")
     saved = Path(os.environ.get(RESULTS_ENV) or RESULTS) / f"{name}.json"
     if saved.is_file():
         result = merge_rows(json.loads(saved.read_text()), result)

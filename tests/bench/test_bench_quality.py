@@ -105,3 +105,32 @@ def test_a_run_of_some_rows_adds_them_to_the_saved_table():
     assert len(quality.merge_rows(saved, {**new, "batch": quality.TABLE_BATCH})["rows"]) == 3
     assert [r["row"] for r in quality.merge_rows(saved, {**new, "batch": 64})["rows"]] == \
         ["mmdit-rope-flow-ln", "mmdit-flow-ln"]
+
+
+def test_another_step_count_is_a_table_of_its_own(tmp_path, results, monkeypatch):
+    """`--steps N` other than the demo config's saves `quality_shapes_stepsN` beside the equal-compute table
+    (which stays as it was), and the README block shows it right after that table, naming N and the command."""
+    results.mkdir()
+    kept = _table([("unet-flow-ln", 0.9)], steps=1100)
+    (results / "quality_shapes.json").write_text(json.dumps(kept))
+    (results / "quality_shapes.md").write_text("| row |\n| --- |\n| unet-flow-ln |\n")
+    asked = {}
+
+    def fake_run(demo, rows, steps, *args):
+        asked["steps"] = steps
+        return {**_table([(r, 0.5) for r in rows], steps=steps), "tier": "shapes",
+                "rows": [{"row": r, "what": r, "params": 1e6, "steps": steps, "train_gflop": 1.0, "train_seconds": 1.0,
+                          "tasks": {t: 0.5 for t in quality.SHAPE_TASKS}, "seen": 0.5, "held_out": 0.5,
+                          "overall": 0.5} for r in rows]}
+    monkeypatch.setattr(quality, "run", fake_run)
+    assert quality.main(["--tier", "shapes", "--demo", str(tmp_path / "demo"), "--rows", "mmdit-flow-ln",
+                         "--steps", "3300"]) == 0
+    assert asked["steps"] == 3300
+    assert json.loads((results / "quality_shapes.json").read_text()) == kept
+    assert [r["row"] for r in json.loads((results / "quality_shapes_steps3300.json").read_text())["rows"]] == \
+        ["mmdit-flow-ln"]
+    block = render(results)
+    shapes_at = block.index("Denoisers on the shapes demo's data")
+    longer_at = block.index("at 3,300 reference steps")
+    assert shapes_at < longer_at < block.index("ZeRO memory per rank")
+    assert "`ldm bench quality --tier shapes --steps 3300` -> `bench/results/quality_shapes_steps3300.json`" in block
