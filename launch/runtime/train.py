@@ -24,15 +24,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 import torch
-
-from data_pipeline.transforms import to_float_on_device
 
 from . import dist as D
 from launch.report.html import write_report_safely
 
+from .batches import to_device
 from .checkpoint import CheckpointManager, CheckpointSaveFailed, capture_rng, tag_for
 from .config import Config
 from .configio import ConfigError, config_hash, dump_yaml, to_plain
@@ -71,15 +70,6 @@ def flush_denormals() -> None:
     activations become denormal and x86 arithmetic on them is ~100x slower: a demo autoencoder
     step went from 0.06 s to 6.8 s at step ~900 without this. No effect on CUDA."""
     torch.set_flush_denormal(True)
-
-
-def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors to the training device; raw uint8 images (the training loader's) scaled to float there."""
-    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    image = out.get("image")
-    if image is not None and image.dtype == torch.uint8:
-        out["image"] = to_float_on_device(image)
-    return out
 
 
 class Trainer:
