@@ -17,6 +17,21 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)
 
 
+def pytest_report_header(config) -> str:
+    """Free disk where the tests write: a full disk shows up as dozens of unrelated failures, so say it first."""
+    import shutil
+
+    base = config._tmp_path_factory.getbasetemp()
+    free_gib = shutil.disk_usage(base).free / 2**30
+    note = "" if free_gib >= NEEDS_GIB else f"  WARNING: the suite needs about {NEEDS_GIB} GiB; expect OSError 28"
+    return f"tmp: {base} ({free_gib:.1f} GiB free){note}"
+
+
+# Peak size of the base temp folder in one run (fixtures live for their scope, a passing test's tmp_path
+# is removed as it ends: pyproject's tmp_path_retention_policy).
+NEEDS_GIB = 2
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO
