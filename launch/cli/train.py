@@ -40,6 +40,8 @@ def run(args) -> int:
         return 0
     from launch.runtime.train import run_training
 
+    from launch.runtime.dist import exit_process
+
     result = run_training(cfg, stages.build_stage, stages.build_data, stages.eval_module_factory(cfg),
                           stats_data=stages.stats_data_factory(cfg))
-    return result.exit_code
+    exit_process(result.exit_code)   # every file is written and the process group torn down (run_training)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -128,6 +129,24 @@ def destroy() -> None:
         except Exception:  # a peer may already be gone; teardown must still proceed
             pass
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process that trained under a process group, after `destroy`: run the atexit handlers (wandb,
+    logging) while the interpreter is whole, flush, and leave with os._exit, skipping the interpreter's
+    teardown. Process groups that DeepSpeed keeps in module globals (its world clone, ZeRO's groups) are
+    otherwise destroyed during that teardown, with gloo's worker threads still attached: a completed ZeRO-3
+    run once died there with SIGABRT ("terminate called without an active exception", after its final
+    checkpoint and weights were written), which torchrun and Slurm report as a failed job."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed or broken pipe: nothing more can be said on it
+            pass
+    os._exit(code)
 
 
 def barrier() -> None:

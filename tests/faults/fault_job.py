@@ -49,4 +49,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    D.exit_process(main(sys.argv[1:]))   # as `ldm train` (launch/runtime/dist.py)

@@ -44,4 +44,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    D.exit_process(main())   # as `ldm train`: skip the interpreter teardown (launch/runtime/dist.py)
