@@ -38,9 +38,8 @@ def run(args) -> int:
     stages.check(cfg)
     if args.check_config:
         return 0
-    from launch.runtime.train import run_training
-
     from launch.runtime.dist import exit_process
+    from launch.runtime.train import run_training
 
     result = run_training(cfg, stages.build_stage, stages.build_data, stages.eval_module_factory(cfg),
                           stats_data=stages.stats_data_factory(cfg))
