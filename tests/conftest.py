@@ -27,7 +27,7 @@ def pytest_report_header(config) -> str:
     return f"tmp: {base} ({free_gib:.1f} GiB free){note}"
 
 
-# The base temp folder peaked at 1.4 GiB in a fresh-clone run (fixtures live for their scope, a passing
+# The base temp folder peaked at 1.37 and 1.48 GiB in two fresh-clone runs (fixtures live for their scope, a passing
 # test's tmp_path is removed as it ends: pyproject's tmp_path_retention_policy); 2 leaves a margin.
 NEEDS_GIB = 2
 
