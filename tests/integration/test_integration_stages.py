@@ -35,7 +35,7 @@ def stage_two_runs(tiny_world, tmp_path_factory) -> dict:
                       f"latents.autoencoder={tiny_world['ae_export']}", f"deepspeed.zero_stage={zero}",
                       "train.max_steps=30", "train.micro_batch_size=16", "train.log_every=3", "optimizer.lr=2e-3",
                       "optimizer.warmup_steps=5", "train.precision=fp32", "data.num_workers=0",
-                      "validation.sample_every=15",
+                      "validation.sample_every=15", f"logging.wandb={str(zero == 3).lower()}",   # offline (conftest)
                       'validation.prompts=["a red circle on a blue background", "a green square on a white background"]'],
                      nproc=2, script=H.LDM)
         H.assert_ok(proc)
@@ -55,6 +55,17 @@ def test_stage_two_trains_under_zero_0_2_3(stage_two_runs):
         from PIL import Image
         grid = Image.open(run / "samples" / "step_00000030.png")
         assert grid.size[0] > 32 and len(set(grid.getdata())) > 2
+
+
+def test_offline_wandb_run_is_whole_after_ldm_train_exits(stage_two_runs):
+    """`ldm train` leaves through os._exit (launch/runtime/dist.py exit_process): the offline wandb run it
+    logged (ZeRO-3, rank 0) still holds the last step's sample grid, and wandb's writer closed its stream."""
+    runs = list((stage_two_runs[3] / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, f"one offline run under {stage_two_runs[3] / 'wandb'}"
+    assert list(runs[0].rglob("samples_30_*.png")), "the step-30 sample grid reached the offline run"
+    assert (runs[0] / f"run-{runs[0].name.rsplit('-', 1)[1]}.wandb").stat().st_size > 0
+    internal = (runs[0] / "logs" / "debug-internal.log").read_text()
+    assert "stream: all finished" in internal, internal[-2000:]
 
 
 def test_zero2_optimizer_state_per_rank_is_at_most_055_of_zero0(stage_two_runs):
