@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .common import RESULTS, RESULTS_ENV, host, markdown_table, save
+from .common import RESULTS, RESULTS_ENV, host, markdown_table, save, steps_table
 
 
 def _transformer(kind: str, depth: int) -> Callable[[int], list[str]]:
@@ -244,8 +244,9 @@ def main(argv=None) -> int:
     steps = args.steps if args.steps is not None else default_steps
     result = run(demo, rows, steps, args.seen, args.held_out, args.quick, args.threads, args.tier)
     # another reference step count is another table, saved apart: it must not replace the equal-compute one
-    name = ("quality" if args.tier == "compositional" else f"quality_{args.tier}") + ("_quick" if args.quick else "") \
-        + (f"_steps{steps}" if steps != default_steps and not args.quick else "")
+    name = ("quality" if args.tier == "compositional" else f"quality_{args.tier}") + ("_quick" if args.quick else "")
+    if steps != default_steps and not args.quick:
+        name = steps_table(name, steps)
     saved = Path(os.environ.get(RESULTS_ENV) or RESULTS) / f"{name}.json"
     if saved.is_file():
         result = merge_rows(json.loads(saved.read_text()), result)

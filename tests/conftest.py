@@ -17,6 +17,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)
 
 
+# The base temp folder peaked at 1.37 and 1.48 GiB in two fresh-clone runs (fixtures live for their scope, a passing
+# test's tmp_path is removed as it ends: pyproject's tmp_path_retention_policy); 2 leaves a margin.
+NEEDS_GIB = 2
+
+
 def pytest_report_header(config) -> str:
     """Free disk where the tests write: a full disk shows up as dozens of unrelated failures, so say it first."""
     import shutil
@@ -25,11 +30,6 @@ def pytest_report_header(config) -> str:
     free_gib = shutil.disk_usage(base).free / 2**30
     note = "" if free_gib >= NEEDS_GIB else f"  WARNING: the suite needs about {NEEDS_GIB} GiB; expect OSError 28"
     return f"tmp: {base} ({free_gib:.1f} GiB free){note}"
-
-
-# The base temp folder peaked at 1.37 and 1.48 GiB in two fresh-clone runs (fixtures live for their scope, a passing
-# test's tmp_path is removed as it ends: pyproject's tmp_path_retention_policy); 2 leaves a margin.
-NEEDS_GIB = 2
 
 
 @pytest.fixture
