@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, prepare_context
 from .conditioning import substitute_learned_null
-from .embeddings import TimestepMLP, sincos_pos_embed_2d, timestep_embedding
+from .embeddings import TimestepMLP, sincos_pos_embed_2d, timestep_embedding, to_tokens
 
 FREQ_DIM = 256   # sinusoidal features fed to the time MLP (DiT, PixArt)
 
@@ -201,7 +201,7 @@ class DiT(nn.Module):
             raise ValueError(f"latent size {h}x{w} is not divisible by patch size {p}")
         gh, gw = h // p, w // p
         x = x.to(self.patch_embed.weight.dtype)   # run in the weights' dtype (bf16/fp16 engines get fp32 batches)
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = to_tokens(self.patch_embed(x))
         tokens = tokens + self._positions(gh, gw, x.device, tokens.dtype)[None]
 
         t = t.to(x.device).float().expand(b) if t.dim() == 0 else t.to(x.device)

@@ -7,6 +7,14 @@ import torch
 from torch import nn
 
 
+def to_tokens(feature_map: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H*W, C], laid out contiguously. A transposed view would also be correct, but
+    elementwise ops keep the layout of their first operand, so the residual stream `x + f(x)` would stay
+    transposed through every block: each autocast cast and each Linear's input then pays a strided copy
+    (measured on the bench DiT: 12 % of its bf16 step's copies came from this)."""
+    return feature_map.flatten(2).transpose(1, 2).contiguous()
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """[B] network times -> [B, dim] features laid out as [cos(t f_i) ..., sin(t f_i) ...],
     f_i = max_period^(-i / (dim/2)). This is the layout of LDM/SD and DiT (diffusers: flip_sin_to_cos=True,

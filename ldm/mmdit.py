@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import attention, cast_for_autocast, make_qk_norm
 from .conditioning import substitute_learned_null
 from .dit import FREQ_DIM, FinalLayer, Mlp, modulate
-from .embeddings import TimestepMLP, sincos_pos_embed_2d, timestep_embedding
+from .embeddings import TimestepMLP, sincos_pos_embed_2d, timestep_embedding, to_tokens
 
 
 def _ln(x: torch.Tensor) -> torch.Tensor:
@@ -229,7 +229,7 @@ class MMDiT(nn.Module):
             raise ValueError(f"latent size {h}x{w} is not divisible by patch size {p}")
         gh, gw = h // p, w // p
         x = x.to(self.patch_embed.weight.dtype)   # run in the weights' dtype (bf16/fp16 engines get fp32 batches)
-        img = self.patch_embed(x).flatten(2).transpose(1, 2)
+        img = to_tokens(self.patch_embed(x))
         if self.pos_embed is not None:
             img = img + self._positions(gh, gw, img.dtype)[None]
 

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, prepare_context
 from .conditioning import substitute_learned_null
-from .embeddings import TimestepMLP, timestep_embedding
+from .embeddings import TimestepMLP, timestep_embedding, to_tokens
 
 
 class ResBlock(nn.Module):
@@ -95,7 +95,7 @@ class SpatialTransformer(nn.Module):
         y = self.norm(x)
         if not self.linear:
             y = self.proj_in(y)
-        y = y.flatten(2).transpose(1, 2)                      # [B, H*W, C]
+        y = to_tokens(y)                                      # [B, H*W, C]
         if self.linear:
             y = self.proj_in(y)
         for block in self.blocks:

@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.config import DenoiserConfig, DiTConfig, UNetConfig
+from ldm.config import DenoiserConfig, DiTConfig, MMDiTConfig, UNetConfig
 from ldm.convert import (dit_pixart_config, dit_to_pixart, to_diffusers, unet_diffusers_config,
                          unet_from_diffusers, unet_to_diffusers)
-from ldm.dit import DiT
+from ldm.dit import DiT, DiTBlock
+from ldm.mmdit import MMDiT, MMDiTBlock
 from ldm.training import build_denoiser
-from ldm.unet import UNet
+from ldm.unet import TransformerBlock, UNet
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs" / "ldm").glob("*.yaml"))
@@ -240,3 +241,28 @@ def test_configs_load_and_build_on_meta(path):
     with torch.device("meta"):
         model = build_denoiser(cfg.denoiser)
     assert next(model.parameters()).is_meta and count(model) > 0
+
+
+@pytest.mark.parametrize("kind", ["dit", "mmdit", "unet"])
+def test_transformer_blocks_see_contiguous_tokens(kind):
+    """Image tokens enter every transformer block laid out contiguously. A transposed view of the patch
+    embedding is numerically the same, but residual adds keep their first operand's layout, so it stays
+    transposed through the whole stack and every autocast cast and Linear input pays a strided copy."""
+    g = torch.Generator().manual_seed(0)
+    if kind == "dit":
+        model, block_type = DiT(DiTConfig(**SMALL_DIT)), DiTBlock
+        x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 24, generator=g)
+    elif kind == "mmdit":
+        model, block_type = MMDiT(MMDiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2,
+                                              num_heads=4, context_dim=32)), MMDiTBlock
+        x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 32, generator=g)
+    else:
+        model, block_type = UNet(SD15_TOPOLOGY_SMALL), TransformerBlock
+        x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 6, 48, generator=g)
+    layouts = []
+    for module in model.modules():
+        if isinstance(module, block_type):
+            module.register_forward_pre_hook(lambda m, args: layouts.append(args[0].is_contiguous()))
+    with torch.autocast("cpu", torch.bfloat16):
+        model(x, torch.tensor([3.0, 700.0]), ctx).float().sum().backward()
+    assert len(layouts) >= 2 and all(layouts), layouts
