@@ -27,7 +27,8 @@ SECTIONS = {
     "train": ("Training step: ours vs diffusers (CPU)",
               "Same architecture, batch, dtype (fp32; bf16 = autocast over fp32 weights), AdamW and threads, one "
               "process, steps alternating A B A B, medians. MFU = the peer's nominal FLOPs per step x steps/s / the "
-              "matmul peak measured in the same run; oneDNN's Winograd convolutions can push conv models past 100 %.",
+              "matmul peak measured in the same run (the best of one measurement before the timings and one after); "
+              "oneDNN's Winograd convolutions can push conv models past 100 %.",
               "ldm bench train"),
     "gpu": ("On a GPU: SD-UNet and DiT-XL/2 training steps, ZeRO-2 memory vs `ldm plan`",
             "256 px, bf16 autocast, torch SDPA, torch.compile off and on, ours vs diffusers with the same weights; "
