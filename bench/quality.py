@@ -32,10 +32,10 @@ from typing import Callable
 from .common import RESULTS, RESULTS_ENV, host, markdown_table, save, steps_table
 
 
-def _transformer(kind: str, depth: int) -> Callable[[int], list[str]]:
-    """A patch-1 transformer row over the tier's latent grid (side x side, 8 channels), width 128."""
-    return lambda side: [f"denoiser.kind={kind}", f"denoiser.{kind}.input_size={side}", f"denoiser.{kind}.patch_size=1",
-                         f"denoiser.{kind}.in_channels=8", f"denoiser.{kind}.hidden_size=128",
+def _transformer(kind: str, depth: int, patch: int = 1) -> Callable[[int], list[str]]:
+    """A transformer row over the tier's latent grid (side x side, 8 channels), width 128."""
+    return lambda side: [f"denoiser.kind={kind}", f"denoiser.{kind}.input_size={side}",
+                         f"denoiser.{kind}.patch_size={patch}", f"denoiser.{kind}.in_channels=8", f"denoiser.{kind}.hidden_size=128",
                          f"denoiser.{kind}.depth={depth}", f"denoiser.{kind}.num_heads=4",
                          f"denoiser.{kind}.context_dim=128"]
 
@@ -52,6 +52,9 @@ ROWS = {
     "unet-eps": ("UNet, eps-prediction, scaled-linear betas, uniform t", _fixed(["objective.kind=eps"])),
     "dit-flow-ln": ("DiT (PixArt form), patch 1, flow matching, logit-normal t", _transformer("dit", 6)),
     "mmdit-flow-ln": ("MMDiT (SD3 form), patch 1, flow matching, logit-normal t", _transformer("mmdit", 4)),
+    # patch 2, as SD3 and PixArt train: 4x fewer image tokens, so more steps at the same FLOPs
+    "dit-p2-flow-ln": ("DiT (PixArt form), patch 2, flow matching, logit-normal t", _transformer("dit", 6, patch=2)),
+    "mmdit-p2-flow-ln": ("MMDiT (SD3 form), patch 2, flow matching, logit-normal t", _transformer("mmdit", 4, patch=2)),
     "mmdit-rope-flow-ln": ("MMDiT with 2-D RoPE instead of sin-cos positions (as Flux), patch 1, flow matching, "
                            "logit-normal t", lambda side: [*_transformer("mmdit", 4)(side), "denoiser.mmdit.rope=true",
                                                            "denoiser.mmdit.pos_embed=none"]),

@@ -134,3 +134,21 @@ def test_another_step_count_is_a_table_of_its_own(tmp_path, results, monkeypatch
     longer_at = block.index("at 3,300 reference steps")
     assert shapes_at < longer_at < block.index("ZeRO memory per rank")
     assert "`ldm bench quality --tier shapes --steps 3300` -> `bench/results/quality_shapes_steps3300.json`" in block
+
+
+def test_every_row_builds_and_patch_two_rows_cost_less_per_sample():
+    """Each row's overrides load over the demo's diffusion config and build a network whose training FLOPs
+    are counted; the patch-2 rows see 4x fewer image tokens, so at equal FLOPs they train for more steps."""
+    from pathlib import Path
+    config = Path(quality.__file__).resolve().parents[1] / "configs" / "demo" / "diffusion.yaml"
+    from launch.runtime.config import load_config
+    side = 8   # the shapes tier's latent grid
+    for _, overrides in quality.ROWS.values():
+        load_config(config, overrides(side))          # validated on load: a bad key or value raises
+    counted = {name: quality.flops_per_sample(config, quality.ROWS[name][1](side))
+               for name in ("dit-flow-ln", "dit-p2-flow-ln", "mmdit-flow-ln", "mmdit-p2-flow-ln")}
+    for kind in ("dit", "mmdit"):
+        (p1, params1), (p2, params2) = counted[f"{kind}-flow-ln"], counted[f"{kind}-p2-flow-ln"]
+        # only the patch embedding and the final projection grow with the patch (4x the channels per token)
+        assert params2 > params1 and params2 < 1.05 * params1
+        assert p2 < 0.7 * p1
