@@ -35,9 +35,9 @@ from .common import RESULTS, RESULTS_ENV, host, markdown_table, save, steps_tabl
 def _transformer(kind: str, depth: int, patch: int = 1) -> Callable[[int], list[str]]:
     """A transformer row over the tier's latent grid (side x side, 8 channels), width 128."""
     return lambda side: [f"denoiser.kind={kind}", f"denoiser.{kind}.input_size={side}",
-                         f"denoiser.{kind}.patch_size={patch}", f"denoiser.{kind}.in_channels=8", f"denoiser.{kind}.hidden_size=128",
-                         f"denoiser.{kind}.depth={depth}", f"denoiser.{kind}.num_heads=4",
-                         f"denoiser.{kind}.context_dim=128"]
+                         f"denoiser.{kind}.patch_size={patch}", f"denoiser.{kind}.in_channels=8",
+                         f"denoiser.{kind}.hidden_size=128", f"denoiser.{kind}.depth={depth}",
+                         f"denoiser.{kind}.num_heads=4", f"denoiser.{kind}.context_dim=128"]
 
 
 def _fixed(overrides: list[str]) -> Callable[[int], list[str]]:

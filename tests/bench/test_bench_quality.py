@@ -4,11 +4,13 @@ samples the same captions and is judged; the table lands in the result files and
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from bench import quality
 from bench.report import render
+from launch.runtime.config import load_config
 
 
 @pytest.fixture()
@@ -139,9 +141,7 @@ def test_another_step_count_is_a_table_of_its_own(tmp_path, results, monkeypatch
 def test_every_row_builds_and_patch_two_rows_cost_less_per_sample():
     """Each row's overrides load over the demo's diffusion config and build a network whose training FLOPs
     are counted; the patch-2 rows see 4x fewer image tokens, so at equal FLOPs they train for more steps."""
-    from pathlib import Path
     config = Path(quality.__file__).resolve().parents[1] / "configs" / "demo" / "diffusion.yaml"
-    from launch.runtime.config import load_config
     side = 8   # the shapes tier's latent grid
     for _, overrides in quality.ROWS.values():
         load_config(config, overrides(side))          # validated on load: a bad key or value raises
