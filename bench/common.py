@@ -16,13 +16,13 @@ from typing import Callable, Iterable, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RESULTS_ENV = "LDM_BENCH_RESULTS"     # another folder for result files (the tests point it at a temporary one)
+DEFAULT_THREADS = 2
 
 
 def steps_table(base: str, steps: int | str) -> str:
     """The result name of `base` trained at another reference step count (`ldm bench quality --steps N`);
     steps "" gives the prefix every such name starts with."""
     return f"{base}_steps{steps}"
-DEFAULT_THREADS = 2
 
 
 def set_threads(threads: int | None) -> int:
