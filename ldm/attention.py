@@ -134,8 +134,33 @@ def naive_attention(q, k, v, key_mask=None):
     return scores.softmax(dim=-1) @ v
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """RMS norm in fp32 with a closed-form backward. Why not autograd through the plain formula: that keeps
+    fp32 copies of the input and of each intermediate and runs ~14 small ops back; torch's fused
+    `_fused_rms_norm` forward has no CPU backward. Saved: the input in its own dtype and the fp32 rstd.
+    On the MMDiT row's bf16 CPU step (four QK-norms per block) this ran 2.4-2.7 % faster; fp32 unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        y, rstd = torch.ops.aten._fused_rms_norm(x.float(), [x.shape[-1]], weight.float(), eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = x.float() * rstd
+        grad = grad.float()
+        grad_w = grad * weight.float()
+        # d/dx of x * rstd(x) * w: rstd * (g w - x_hat * mean(g w x_hat)) over the normalised dimension
+        grad_x = (grad_w - x_hat * (grad_w * x_hat).mean(-1, keepdim=True)) * rstd
+        grad_weight = (grad * x_hat).flatten(0, -2).sum(0)
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
-    """RMS normalisation over the last dimension with a learned gain (QK-norm)."""
+    """RMS normalisation over the last dimension with a learned gain (QK-norm), computed in fp32 and
+    returned in the input's dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -143,10 +168,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def make_qk_norm(kind: str, head_dim: int) -> nn.Module:

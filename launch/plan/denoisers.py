@@ -18,7 +18,7 @@ UNET_FORMULAS = """UNet, fp32, per sample, at a level with n = h*w positions (C_
 
 DIT_FORMULAS = """DiT, fp32, per sample, N = (latent / patch)^2 tokens, width D, MLP width M, context length L:
   block  saved (15 + 2 M/D) D N + 2 L D (cross k, v) + 2 heads N (log-sum-exp) + 4 N (LayerNorm statistics)
-               (+ 6 D N + 2 L D with RMS QK-norm)
+               (+ 3 D N + L D + 3 heads N + heads L with RMS QK-norm: q/k inputs, rstd)
          FLOPs 8 N D^2 + 4 N^2 D (self) + 4 N D^2 + 4 L D^2 + 4 N L D (cross) + 4 N D M (MLP)
                (+ 12 D^2 for adaLN-Zero's per-block modulation)
   embed  FLOPs 2 N D C p^2 (patchify) + 2 N D p^2 C_out (final) + 2 L (C_ctx D + D^2) (caption MLP)
@@ -51,7 +51,7 @@ def _attention_block(t: Tape, x: Sym, ctx: Optional[Sym], n: int, dim: int, head
     k = t.linear(kv_in, lk, kv_dim, dim)
     v = t.linear(kv_in, lk, kv_dim, dim)
     if qk_norm == "rms":
-        q, k = t.rms_norm(q), t.rms_norm(k)
+        q, k = t.rms_norm(q, n * heads), t.rms_norm(k, lk * heads)
     elif qk_norm == "layer":
         q, k = t.norm(q, n * heads), t.norm(k, lk * heads)
     o = t.attention(q, k, v, heads, n, lk, dim)
@@ -248,9 +248,9 @@ def _mmdit_block(t: Tape, img: Sym, txt: Sym, c_act: Sym, n: int, L: int, d: int
     tqkv = t.linear(a_txt, L, d, 3 * d)
     tq, tk, tv = (t.view(tqkv, L * d) for _ in range(3))
     if qk_norm == "rms":
-        q, k, tk = t.rms_norm(q), t.rms_norm(k), t.rms_norm(tk)
+        q, k, tk = t.rms_norm(q, n * heads), t.rms_norm(k, n * heads), t.rms_norm(tk, L * heads)
         if not pre_only:
-            tq = t.rms_norm(tq)
+            tq = t.rms_norm(tq, L * heads)
     elif qk_norm == "layer":
         q, k, tk = t.norm(q, n * heads), t.norm(k, n * heads), t.norm(tk, L * heads)
         if not pre_only:

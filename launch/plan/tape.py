@@ -178,11 +178,11 @@ class Tape:
         self.save(q, k, v, out, self.new(heads * lq, F32))
         return out
 
-    def rms_norm(self, x: Sym) -> Sym:
-        """ldm.attention.RMSNorm: x.float(); x * rsqrt(mean(x^2) + eps); * weight; back to x's dtype."""
-        xf = self.cast(x, F32)
-        y = self.new(x.numel, F32)
-        self.save(xf, y)
+    def rms_norm(self, x: Sym, rows: int) -> Sym:
+        """ldm.attention.RMSNorm over `rows` vectors: fp32 math; keeps its input (in its own dtype) and one
+        fp32 rstd per row for backward."""
+        self.cast(x, F32)                        # the fp32 working copy: transient
+        self.save(x, self.new(rows, F32))
         return self.cast(self.new(x.numel, F32), x.size)
 
     # ---- activation checkpointing

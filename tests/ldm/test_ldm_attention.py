@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.attention import Attention, attention, naive_attention, xformers_available
+from ldm.attention import Attention, RMSNorm, attention, naive_attention, xformers_available
 
 
 def _qkv(b=3, h=4, lq=10, lk=7, d=16, seed=0, device="cpu"):
@@ -49,6 +49,29 @@ def test_module_cross_attention_ignores_padding_content():
         a, b = attn(x, ctx, mask), attn(x, ctx2, mask)
     assert torch.allclose(a, b, atol=1e-6)
     assert not torch.allclose(attn(x, ctx2)[1], a[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_rms_norm_forward_and_gradients_equal_the_formula(dtype, tol):
+    """RMSNorm's hand-written backward against autograd through x * rsqrt(mean(x^2) + eps) * w in float64,
+    on a permuted (non-contiguous) view as the MMDiT's q/k heads are."""
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.add_(0.3 * torch.randn(16, generator=g))
+    base = torch.randn(2, 5, 3, 16, generator=g).to(dtype)
+    x = base.permute(0, 2, 1, 3).requires_grad_()            # [B, heads, N, d], strided like q/k
+    grad = torch.randn(2, 3, 5, 16, generator=g).to(dtype)
+    y = norm(x)
+    gx, gw = torch.autograd.grad(y, (x, norm.weight), grad)
+
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.eps) * w64
+    rx, rw = torch.autograd.grad(y64, (x64, w64), grad.double())
+    assert y.dtype == gx.dtype == dtype and gw.dtype == torch.float32
+    for ours, ref in ((y, y64), (gx, rx), (gw, rw)):
+        err = (ours.double() - ref).abs().max() / ref.abs().max()
+        assert err < tol, (err, tol)
 
 
 def test_xformers_backend_falls_back_on_cpu():

@@ -118,6 +118,7 @@ def test_plan_closed_forms_match_the_walk():
         base = t.saved_bytes
         A._dit_block(t, t.new(D * N), t.new(6 * D), ctx, N, D, H, M, L, "single", qk, D)
         small = 4 * D + 6 * D          # the two (1 + scale) vectors, two gates' storage (the modulation, 6 D)
-        want = (15 + 2 * M // D + 6 * extra) * D * N + 2 * L * D * (1 + extra) + 2 * H * N + 4 * N + small
+        want = ((15 + 2 * M // D + 3 * extra) * D * N + (2 + extra) * L * D + (2 + 3 * extra) * H * N
+                + extra * H * L + 4 * N + small)
         assert abs((t.saved_bytes - base) // 4 - want) <= 2 * D, ((t.saved_bytes - base) // 4, want)
         assert t.flops == 8 * N * D * D + 4 * N * N * D + 4 * N * D * D + 4 * L * D * D + 4 * N * L * D + 4 * N * D * M
