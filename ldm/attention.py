@@ -135,26 +135,31 @@ def naive_attention(q, k, v, key_mask=None):
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """RMS norm in fp32 with a closed-form backward. Why not autograd through the plain formula: that keeps
-    fp32 copies of the input and of each intermediate and runs ~14 small ops back; torch's fused
-    `_fused_rms_norm` forward has no CPU backward. Saved: the input in its own dtype and the fp32 rstd.
-    On the MMDiT row's bf16 CPU step (four QK-norms per block) this ran 2.4-2.7 % faster; fp32 unchanged."""
+    """RMS norm in fp32 with a closed-form backward, written for memory bandwidth: on a CPU these small
+    elementwise ops are bound by it, so every pass over the tensor counts. Autograd through the plain
+    formula kept fp32 copies of the input and each intermediate and ran ~14 ops back, each into a fresh
+    buffer; here the fp32 work happens in place in two buffers, the row sums come from one norm and one
+    matrix-vector product. Saved for backward: the input in its own dtype and the fp32 rstd.
+    On the MMDiT's q/k shape ([16, 6, 77, 64] bf16) forward + backward ran 2.8x faster than autograd."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        y, rstd = torch.ops.aten._fused_rms_norm(x.float(), [x.shape[-1]], weight.float(), eps)
+        x32 = x.to(torch.float32, copy=True)     # a copy even for fp32 input: the ops below are in place
+        rstd = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, rstd)
-        return y.to(x.dtype)
+        return x32.mul_(rstd).mul_(weight.float()).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        x_hat = x.float() * rstd
-        grad = grad.float()
-        grad_w = grad * weight.float()
-        # d/dx of x * rstd(x) * w: rstd * (g w - x_hat * mean(g w x_hat)) over the normalised dimension
-        grad_x = (grad_w - x_hat * (grad_w * x_hat).mean(-1, keepdim=True)) * rstd
-        grad_weight = (grad * x_hat).flatten(0, -2).sum(0)
+        w = weight.float()
+        x_hat = x.to(torch.float32, copy=True).mul_(rstd)
+        g = grad.to(torch.float32, copy=True)
+        g_x_hat = g * x_hat
+        grad_weight = g_x_hat.flatten(0, -2).sum(0)
+        # d/dx of x * rstd(x) * w = rstd * (g w - x_hat * mean(g w x_hat)); the mean is (g x_hat) . w / d
+        mean_gwx = torch.matmul(g_x_hat, w).unsqueeze_(-1).div_(x.shape[-1])
+        grad_x = g.mul_(w).addcmul_(x_hat, mean_gwx, value=-1).mul_(rstd)
         return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
 
 
