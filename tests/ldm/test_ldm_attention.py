@@ -54,13 +54,15 @@ def test_module_cross_attention_ignores_padding_content():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_rms_norm_forward_and_gradients_equal_the_formula(dtype, tol):
     """RMSNorm's hand-written backward against autograd through x * rsqrt(mean(x^2) + eps) * w in float64,
-    on a permuted (non-contiguous) view as the MMDiT's q/k heads are."""
+    on q as the MMDiT hands it over: one slice of a permuted [B, N, 3, heads, d] projection (strided, with
+    gaps; an fp32 input must not be changed in place)."""
     g = torch.Generator().manual_seed(0)
     norm = RMSNorm(16)
     with torch.no_grad():
         norm.weight.add_(0.3 * torch.randn(16, generator=g))
-    base = torch.randn(2, 5, 3, 16, generator=g).to(dtype)
-    x = base.permute(0, 2, 1, 3).requires_grad_()            # [B, heads, N, d], strided like q/k
+    qkv = torch.randn(2, 5, 3, 3, 16, generator=g).to(dtype)
+    x = qkv.permute(2, 0, 3, 1, 4)[0].requires_grad_()        # [B, heads, N, d]
+    before = x.detach().clone()
     grad = torch.randn(2, 3, 5, 16, generator=g).to(dtype)
     y = norm(x)
     gx, gw = torch.autograd.grad(y, (x, norm.weight), grad)
@@ -69,6 +71,7 @@ def test_rms_norm_forward_and_gradients_equal_the_formula(dtype, tol):
     y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.eps) * w64
     rx, rw = torch.autograd.grad(y64, (x64, w64), grad.double())
     assert y.dtype == gx.dtype == dtype and gw.dtype == torch.float32
+    assert torch.equal(x.detach(), before)
     for ours, ref in ((y, y64), (gx, rx), (gw, rw)):
         err = (ours.double() - ref).abs().max() / ref.abs().max()
         assert err < tol, (err, tol)
