@@ -96,8 +96,9 @@ def flops_per_sample(config: Path, overrides: list[str], batch: int = 4) -> tupl
     x, t = torch.randn(batch, c, h, w), torch.rand(batch) * 999
     context = torch.randn(batch, length, width)
     mask = torch.ones(batch, length, dtype=torch.bool)
+    pooled = torch.randn(batch, cfg.denoiser.pooled_dim) if cfg.denoiser.pooled_dim else None
     with FlopCounterMode(display=False) as counter:
-        net(x, t, context, mask).float().pow(2).mean().backward()
+        net(x, t, context, mask, pooled=pooled).float().pow(2).mean().backward()
     return counter.get_total_flops() / batch, sum(p.numel() for p in net.parameters())
 
 

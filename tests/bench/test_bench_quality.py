@@ -152,3 +152,17 @@ def test_every_row_builds_and_patch_two_rows_cost_less_per_sample():
         # only the patch embedding and the final projection grow with the patch (4x the channels per token)
         assert params2 > params1 and params2 < 1.05 * params1
         assert p2 < 0.7 * p1
+
+
+def test_flops_of_a_row_with_pooled_text_count_its_embedder():
+    """A row that feeds pooled text into the modulation (SD3's design) is counted with a pooled input: its
+    FLOPs are the same network's plus the pooled MLP's (two Linears, forward and backward)."""
+    config = Path(quality.__file__).resolve().parents[1] / "configs" / "demo" / "diffusion.yaml"
+    base = quality.ROWS["mmdit-p2-flow-ln"][1](8)
+    plain, params = quality.flops_per_sample(config, base)
+    pooled, params_pooled = quality.flops_per_sample(config, [*base, "denoiser.pooled_dim=64"])
+    width = 128                                    # the rows' hidden size
+    assert params_pooled - params == 64 * width + width * width + 2 * width     # pooled -> width -> width
+    # 2 forward + 2 weight-gradient FLOPs per weight, + 2 input-gradient ones past the first Linear (the
+    # pooled input itself needs no gradient)
+    assert pooled - plain == pytest.approx(4 * 64 * width + 6 * width * width, rel=1e-6)
