@@ -55,6 +55,11 @@ ROWS = {
     # patch 2, as SD3 and PixArt train: 4x fewer image tokens, so more steps at the same FLOPs
     "dit-p2-flow-ln": ("DiT (PixArt form), patch 2, flow matching, logit-normal t", _transformer("dit", 6, patch=2)),
     "mmdit-p2-flow-ln": ("MMDiT (SD3 form), patch 2, flow matching, logit-normal t", _transformer("mmdit", 4, patch=2)),
+    # SD3 feeds the pooled text vector into every block's modulation (adaLN) beside the joint attention; the
+    # demo's precomputed shards carry open_clip's pooled feature (64 wide)
+    "mmdit-p2-pooled-flow-ln": ("MMDiT (SD3 form) with pooled text in the modulation, patch 2, flow matching, "
+                                "logit-normal t",
+                                lambda side: [*_transformer("mmdit", 4, patch=2)(side), "denoiser.pooled_dim=64"]),
     "mmdit-rope-flow-ln": ("MMDiT with 2-D RoPE instead of sin-cos positions (as Flux), patch 1, flow matching, "
                            "logit-normal t", lambda side: [*_transformer("mmdit", 4)(side), "denoiser.mmdit.rope=true",
                                                            "denoiser.mmdit.pos_embed=none"]),
