@@ -181,7 +181,7 @@ class Tape:
     def rms_norm(self, x: Sym, rows: int) -> Sym:
         """ldm.attention.RMSNorm over `rows` vectors: fp32 math; keeps its input (in its own dtype) and one
         fp32 rstd per row for backward."""
-        self.cast(x, F32)                        # the fp32 working copy: transient
+        self.new(x.numel, F32)                   # the fp32 working copy (of fp32 input too): transient
         self.save(x, self.new(rows, F32))
         return self.cast(self.new(x.numel, F32), x.size)
 
