@@ -9,7 +9,8 @@ colour / shape / background on the shapes tier (held-out triples apart).
 Equal compute = equal training FLOPs: each row's denoiser is counted once (torch's FlopCounterMode over a
 forward and backward of one batch), and a row gets steps = reference steps x reference FLOPs per sample /
 its FLOPs per sample, the reference being the demo's recipe (UNet, flow matching, logit-normal t) at
---steps. The optimizer, EMA and sampler are the demo config's in every row; the batch is TABLE_BATCH.
+--steps. The optimizer, EMA and sampler are the demo config's in every row; the batch is TABLE_BATCH unless a
+row sets its own (`train.micro_batch_size`), which then gets TABLE_BATCH / its batch times the steps.
 
     ldm bench quality [--tier compositional|shapes] [--demo DIR] [--steps N] [--rows unet-flow-ln,dit-flow-ln]
                       [--seen 240] [--held-out 120] [--quick] [--json]
@@ -60,6 +61,11 @@ ROWS = {
     "mmdit-p2-pooled-flow-ln": ("MMDiT (SD3 form) with pooled text in the modulation, patch 2, flow matching, "
                                 "logit-normal t",
                                 lambda side: [*_transformer("mmdit", 4, patch=2)(side), "denoiser.pooled_dim=64"]),
+    # the same at batch 32: four times the optimizer steps for the same FLOPs
+    "mmdit-p2-pooled-b32-flow-ln": ("MMDiT (SD3 form) with pooled text in the modulation, patch 2, batch 32, flow "
+                                    "matching, logit-normal t",
+                                    lambda side: [*_transformer("mmdit", 4, patch=2)(side), "denoiser.pooled_dim=64",
+                                                  "train.micro_batch_size=32"]),
     "mmdit-rope-flow-ln": ("MMDiT with 2-D RoPE instead of sin-cos positions (as Flux), patch 1, flow matching, "
                            "logit-normal t", lambda side: [*_transformer("mmdit", 4)(side), "denoiser.mmdit.rope=true",
                                                            "denoiser.mmdit.pos_embed=none"]),
@@ -140,13 +146,15 @@ def run(demo: Path, rows: list[str], steps: int, seen: int, held_out: int, quick
     side = load_config(config).denoiser.unet.sample_size
     common = [f"data.image_size={s.image_size}", f"train.seed={s.seed}", f"data.urls={_shards(demo / 'data' / 'latents')}",
               "data.kind=precomputed", "latents.source=precomputed", f"latents.autoencoder={demo / 'stage1_export'}",
-              "validation.every=0", "validation.sample_every=0", "logging.mfu=false",
-              f"train.micro_batch_size={TABLE_BATCH}"]
+              "validation.every=0", "validation.sample_every=0", "logging.mfu=false"]
     if quick:
         common += ["sampling.steps=3", "train.log_every=2", "data.num_workers=0"]
-    ref_flops, _ = flops_per_sample(config, [*common, *ROWS[REFERENCE][1](side)])
-    counted = {name: flops_per_sample(config, [*common, *ROWS[name][1](side)]) for name in rows}
-    row_steps_of = {name: max(1, round(steps * ref_flops / fps)) for name, (fps, _) in counted.items()}
+    row_overrides = {name: _with_table_batch(common, ROWS[name][1](side)) for name in {*rows, REFERENCE}}
+    ref_flops, _ = flops_per_sample(config, row_overrides[REFERENCE])
+    counted = {name: flops_per_sample(config, row_overrides[name]) for name in rows}
+    batch_of = {name: _batch(config, row_overrides[name]) for name in rows}
+    row_steps_of = {name: equal_compute_steps(steps, ref_flops * TABLE_BATCH, fps * batch_of[name])
+                    for name, (fps, _) in counted.items()}
     out = demo / "bench_quality"
     estimates = {}
     for name in rows:   # equal FLOPs: each row's training takes about the reference's time
@@ -154,10 +162,10 @@ def run(demo: Path, rows: list[str], steps: int, seen: int, held_out: int, quick
     ph = Phases(out, set(), estimates, log)
     table = []
     for name in rows:
-        what, overrides = ROWS[name][0], ROWS[name][1](side)
+        what = ROWS[name][0]
         (fps, params), row_steps = counted[name], row_steps_of[name]
         run_dir, export, samples = out / name / "run", out / name / "export", out / name / "samples"
-        train = [*common, *overrides, f"train.max_steps={row_steps}", f"train.checkpoint_every={row_steps}"]
+        train = [*row_overrides[name], f"train.max_steps={row_steps}", f"train.checkpoint_every={row_steps}"]
         fp = _fingerprint(name, train, (demo / "stage1_export" / "config.json").read_text(), seen, held_out)
         result = ph.run(f"{name}_train", f"{name}: {row_steps} steps", fp, lambda: _train(config, run_dir, train, threads))
 
@@ -173,7 +181,8 @@ def run(demo: Path, rows: list[str], steps: int, seen: int, held_out: int, quick
         judged = ph.run(f"{name}_sample", f"{name}: sample and judge", fp, sample_and_judge)
         train_s = ph.timings[f"{name}_train"]["seconds"]
         table.append({"row": name, "what": what, "params": params, "gflop_per_sample": fps / 1e9, "steps": row_steps,
-                      "train_gflop": fps * row_steps * _batch(config, train) / 1e9, "train_seconds": train_s,
+                      "batch": batch_of[name], "train_gflop": fps * row_steps * batch_of[name] / 1e9,
+                      "train_seconds": train_s,
                       "final_step": result.get("step"), **_scores(tier_name, judged)})
     measured_on = host(threads)
     return {"benchmark": "quality", "tier": tier_name, "quick": quick, "reference": REFERENCE,
@@ -201,6 +210,18 @@ def merge_rows(saved: dict, new: dict) -> dict:
     return {**new, "rows": [rows[n] for n in order]}
 
 
+def _with_table_batch(common: list[str], row: list[str]) -> list[str]:
+    """The overrides a row trains with: the table's batch unless the row sets its own (a key may be given
+    once), in the order the rows' saved fingerprints were made with."""
+    own = any(o.startswith("train.micro_batch_size=") for o in row)
+    return [*common, *([] if own else [f"train.micro_batch_size={TABLE_BATCH}"]), *row]
+
+
+def equal_compute_steps(reference_steps: int, reference_flops_per_step: float, flops_per_step: float) -> int:
+    """Steps of a row whose training FLOPs equal the reference's (FLOPs per step = per sample x batch)."""
+    return max(1, round(reference_steps * reference_flops_per_step / flops_per_step))
+
+
 def _batch(config: Path, overrides: list[str]) -> int:
     from launch.runtime.config import load_config
 
@@ -219,10 +240,11 @@ def to_markdown(result: dict) -> str:
     def measured(r):   # train s depends on the host: say which, and when
         h = r.get("host") or result.get("host") or {}
         return f"{h.get('cpu', '?')}, {str(h.get('time', '?'))[:10]}"
-    rows = [(r["row"], r["what"], f"{r['params'] / 1e6:.2f} M", r["steps"], f"{r['train_gflop'] / 1e3:,.0f}",
-             f"{r['train_seconds']:.0f}", *(pct(r["tasks"][t]) for t in tasks), pct(r["seen"]), pct(r["held_out"]),
-             f"**{pct(r['overall'])}**", measured(r)) for r in result["rows"]]
-    return markdown_table(["row", "recipe", "params", "steps", "train TFLOP", "train s", *tasks, "seen",
+    batch = result.get("batch", TABLE_BATCH)        # rows saved before rows had their own ran at the table's
+    rows = [(r["row"], r["what"], f"{r['params'] / 1e6:.2f} M", r["steps"], r.get("batch", batch),
+             f"{r['train_gflop'] / 1e3:,.0f}", f"{r['train_seconds']:.0f}", *(pct(r["tasks"][t]) for t in tasks),
+             pct(r["seen"]), pct(r["held_out"]), f"**{pct(r['overall'])}**", measured(r)) for r in result["rows"]]
+    return markdown_table(["row", "recipe", "params", "steps", "batch", "train TFLOP", "train s", *tasks, "seen",
                            "held-out", "overall", "measured on"], rows)
 
 

@@ -64,16 +64,21 @@ def test_readme_block_shows_the_full_table_only(tmp_path):
 
 def test_shapes_tier_rows_are_judged_by_colour_shape_and_background(tmp_path, results):
     """`--tier shapes`: the same machinery on the one-shape demo (its 8x8 latents, its judge): the MMDiT row
-    gets the FLOP-matched steps over the UNet reference, and its table lands apart from the compositional one."""
+    gets the FLOP-matched steps over the UNet reference, a row with its own batch gets the steps that keep its
+    FLOPs equal, and the table lands apart from the compositional one."""
     rc = quality.main(["--tier", "shapes", "--quick", "--demo", str(tmp_path / "demo"),
-                       "--rows", "unet-flow-ln,mmdit-flow-ln", "--steps", "6"])
+                       "--rows", "unet-flow-ln,mmdit-flow-ln,mmdit-p2-pooled-b32-flow-ln", "--steps", "6"])
     assert rc == 0
     result = json.loads((results / "quality_shapes_quick.json").read_text())
     assert result["tier"] == "shapes" and not (results / "quality_quick.json").exists()
     rows = {r["row"]: r for r in result["rows"]}
-    ref, mm = rows["unet-flow-ln"], rows["mmdit-flow-ln"]
+    ref, mm, small = rows["unet-flow-ln"], rows["mmdit-flow-ln"], rows["mmdit-p2-pooled-b32-flow-ln"]
     assert ref["steps"] == 6 and mm["final_step"] == mm["steps"] == round(
         6 * ref["gflop_per_sample"] / mm["gflop_per_sample"])
+    assert (ref["batch"], mm["batch"], small["batch"]) == (128, 128, 32)
+    assert small["final_step"] == small["steps"] == round(6 * 128 * ref["gflop_per_sample"] /
+                                                          (32 * small["gflop_per_sample"]))
+    assert small["train_gflop"] == pytest.approx(ref["train_gflop"], rel=0.5 / small["steps"] + 1e-6)
     for r in rows.values():
         assert set(r["tasks"]) == {"color", "shape", "background"}
         assert 0.0 <= r["overall"] <= 1.0 and 0.0 <= r["held_out"] <= 1.0 and 0.0 <= r["seen"] <= 1.0
