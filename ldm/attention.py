@@ -39,19 +39,20 @@ def _safe_key_mask(key_mask: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
-              backend: Backend = "sdpa", dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v for q [B,H,Lq,d], k/v [B,H,Lk,d], key_mask bool [B,Lk]."""
+              backend: Backend = "sdpa", dropout_p: float = 0.0, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(scale q k^T + mask) v for q [B,H,Lq,d], k/v [B,H,Lk,d], key_mask bool [B,Lk]; scale as
+    SDPA's (None: 1/sqrt(d); 1.0 when q arrives scaled, e.g. by its RMS norm)."""
     if key_mask is not None:
         key_mask = _safe_key_mask(key_mask.to(torch.bool))
     if backend == "xformers" and q.is_cuda:
         xops = _xformers_ops()
         if xops is not None:
-            return _xformers_attention(xops, q, k, v, key_mask, dropout_p)
+            return _xformers_attention(xops, q, k, v, key_mask, dropout_p, scale)
         _warn_no_xformers()
     if _use_cpu_math(q, k, dropout_p):
-        return _cpu_math_attention(q, k, v, key_mask)
+        return _cpu_math_attention(q, k, v, key_mask, q.shape[-1] ** -0.5 if scale is None else scale)
     mask = None if key_mask is None else key_mask[:, None, None, :]   # broadcast over heads and queries
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
 # CPU, bf16/fp16: attention as matmul -> softmax -> matmul, in chunks of (batch, heads) whose score
@@ -78,14 +79,14 @@ def _use_cpu_math(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
             and q.shape[-2] * k.shape[-2] <= _MATH_MAX_SCORES)
 
 
-def _math_attention(q, k, v, bias):
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+def _math_attention(q, k, v, bias, scale):
+    scores = torch.matmul(q if scale == 1.0 else q * scale, k.transpose(-2, -1))
     if bias is not None:
         scores = scores + bias         # an add, not masked_fill: 10x cheaper on bf16 CPU tensors
     return torch.matmul(scores.softmax(dim=-1), v)
 
 
-def _cpu_math_attention(q, k, v, key_mask):
+def _cpu_math_attention(q, k, v, key_mask, scale):
     b, h, lq, _ = q.shape
     bias = None
     if key_mask is not None:           # additive mask: 0 to attend, -inf to skip ([B, 1, 1, Lk])
@@ -93,14 +94,14 @@ def _cpu_math_attention(q, k, v, key_mask):
         bias = bias[:, None, None, :]
     pairs = max(1, _CHUNK_SCORES // (lq * k.shape[-2]))   # (batch, head) pairs per chunk
     if b * h * lq * k.shape[-2] <= _SPLIT_SCORES:
-        return _math_attention(q, k, v, bias)
+        return _math_attention(q, k, v, bias, scale)
     heads = min(h, pairs)
     rows = max(1, pairs // h)
     out = []
     for i in range(0, b, rows):
         sl = slice(i, i + rows)
         parts = [_math_attention(q[sl, j:j + heads], k[sl, j:j + heads], v[sl, j:j + heads],
-                                 None if bias is None else bias[sl]) for j in range(0, h, heads)]
+                                 None if bias is None else bias[sl], scale) for j in range(0, h, heads)]
         out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
     return torch.cat(out, dim=0)
 
@@ -110,7 +111,7 @@ def _warn_no_xformers() -> None:
     warnings.warn("attention_backend is 'xformers' but xformers is not importable; using torch SDPA", stacklevel=3)
 
 
-def _xformers_attention(xops, q, k, v, key_mask, dropout_p):
+def _xformers_attention(xops, q, k, v, key_mask, dropout_p, scale):
     # xformers wants [B, L, H, d] and an additive bias; its kernels need the bias' last dimension padded to
     # a multiple of 8, so allocate padded storage and slice it (the documented way to pass odd lengths).
     qx, kx, vx = (t.transpose(1, 2) for t in (q, k, v))
@@ -121,7 +122,7 @@ def _xformers_attention(xops, q, k, v, key_mask, dropout_p):
         storage = torch.zeros(b, h, lq, padded, device=q.device, dtype=q.dtype)
         bias = storage[..., :lk]
         bias.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
-    out = xops.memory_efficient_attention(qx, kx, vx, attn_bias=bias, p=dropout_p)
+    out = xops.memory_efficient_attention(qx, kx, vx, attn_bias=bias, p=dropout_p, scale=scale)
     return out.transpose(1, 2)
 
 
@@ -140,27 +141,30 @@ class _RMSNormFunction(torch.autograd.Function):
     formula kept fp32 copies of the input and each intermediate and ran ~14 ops back, each into a fresh
     buffer; here the fp32 work happens in place in two buffers, the row sums come from one norm and one
     matrix-vector product. Saved for backward: the input in its own dtype and the fp32 rstd.
-    On the MMDiT's q/k shape ([16, 6, 77, 64] bf16) forward + backward ran 2.8x faster than autograd."""
+    On the MMDiT's q/k shape ([16, 6, 77, 64] bf16) forward + backward ran 2.8x faster than autograd.
+    `scale` multiplies the output through the gain: free here, where the attention would spend a pass over
+    q forward and one backward on it."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
         x32 = x.to(torch.float32, copy=True)     # a copy even for fp32 input: the ops below are in place
         rstd = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, rstd)
-        return x32.mul_(rstd).mul_(weight.float()).to(x.dtype)
+        ctx.scale = scale
+        return x32.mul_(rstd).mul_(weight.float() * scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        w = weight.float()
+        w = weight.float() * ctx.scale
         x_hat = x.to(torch.float32, copy=True).mul_(rstd)
         g = grad.to(torch.float32, copy=True)
         g_x_hat = g * x_hat
-        grad_weight = g_x_hat.flatten(0, -2).sum(0)
+        grad_weight = g_x_hat.flatten(0, -2).sum(0).mul_(ctx.scale)
         # d/dx of x * rstd(x) * w = rstd * (g w - x_hat * mean(g w x_hat)); the mean is (g x_hat) . w / d
         mean_gwx = torch.matmul(g_x_hat, w).unsqueeze_(-1).div_(x.shape[-1])
         grad_x = g.mul_(w).addcmul_(x_hat, mean_gwx, value=-1).mul_(rstd)
-        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None, None
 
 
 class RMSNorm(nn.Module):
@@ -172,8 +176,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """`scale` multiplies the output (the attention's 1/sqrt(d) can ride on q's norm)."""
+        return _RMSNormFunction.apply(x, self.weight, self.eps, scale)
 
 
 def make_qk_norm(kind: str, head_dim: int) -> nn.Module:
@@ -272,6 +277,8 @@ class Attention(nn.Module):
         self.k_norm = make_qk_norm(qk_norm, self.head_dim)
         self.to_out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
+        # An RMS q-norm applies the scores' 1/sqrt(d) on its way (saves a pass over q and one back)
+        self.q_scale = self.head_dim ** -0.5 if isinstance(self.q_norm, RMSNorm) else None
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -283,14 +290,15 @@ class Attention(nn.Module):
         key_mask [B, Lk] bool, True = attend."""
         if context is None:
             x = context = cast_for_autocast(x)
-        q = self.q_norm(self._split(self.to_q(x)))
+        q = self._split(self.to_q(x))
+        q = self.q_norm(q) if self.q_scale is None else self.q_norm(q, self.q_scale)
         if isinstance(context, PackedTokens):    # project the real tokens only (see PackedTokens)
             k = self.k_norm(self._split(context.unpack(self.to_k(context.rows))))
             v = self._split(context.unpack(self.to_v(context.rows)))
         else:
             k = self.k_norm(self._split(self.to_k(context)))
             v = self._split(self.to_v(context))
-        out = attention(q, k, v, key_mask, backend=self.backend)
+        out = attention(q, k, v, key_mask, backend=self.backend, scale=None if self.q_scale is None else 1.0)
         b, _, n, _ = out.shape
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
         return self.dropout(self.to_out(out))

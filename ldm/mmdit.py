@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attention, cast_for_autocast, make_qk_norm
+from .attention import RMSNorm, attention, cast_for_autocast, make_qk_norm
 from .conditioning import substitute_learned_null
 from .dit import FREQ_DIM, FinalLayer, Mlp, modulate
 from .embeddings import TimestepMLP, sincos_pos_embed_2d, timestep_embedding, to_tokens
@@ -55,6 +55,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
+class _SplitQKV(torch.autograd.Function):
+    """q, k, v [B, heads, N, d]: views of one fused projection [B, N, 3 * heads * d]. Autograd through
+    view -> permute -> unbind stacks the three gradients into a new tensor and copies that once more into
+    the projection's layout; this backward writes each gradient straight into that layout (one pass)."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int):
+        b, n, width = qkv.shape
+        ctx.heads = heads
+        return qkv.view(b, n, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        b, heads, n, d = grads[0].shape
+        grad = grads[0].new_empty(b, n, 3, heads, d)
+        for i, g in enumerate(grads):
+            slot = grad[:, :, i].transpose(1, 2)    # [B, heads, N, d] view into the projection's layout
+            slot.copy_(g)
+        return grad.view(b, n, 3 * heads * d), None
+
+
 class JointAttention(nn.Module):
     """q/k/v and output projections per stream (one fused Linear for q, k, v), one attention over both."""
 
@@ -73,10 +94,14 @@ class JointAttention(nn.Module):
         self.txt_k_norm = make_qk_norm(qk_norm, self.head_dim)
         self.img_out = nn.Linear(dim, dim)
         self.txt_out = None if context_pre_only else nn.Linear(dim, dim)
+        # An RMS q-norm applies the scores' 1/sqrt(d) on its way (saves a pass over q and one back)
+        self.q_scale = self.head_dim ** -0.5 if isinstance(self.img_q_norm, RMSNorm) else None
 
     def _heads(self, qkv: torch.Tensor):
-        b, n, _ = qkv.shape
-        return qkv.view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return _SplitQKV.apply(qkv, self.heads)
+
+    def _norm_q(self, norm: nn.Module, q: torch.Tensor) -> torch.Tensor:
+        return norm(q) if self.q_scale is None else norm(q, self.q_scale)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
                 rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
@@ -84,15 +109,16 @@ class JointAttention(nn.Module):
         rope: (cos, sin) for the N image tokens. Returns (image output, text output or None)."""
         b, n, dim = img.shape
         q, k, v = self._heads(self.img_qkv(img))
-        q, k = self.img_q_norm(q), self.img_k_norm(k)
+        q, k = self._norm_q(self.img_q_norm, q), self.img_k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         tq, tk, tv = self._heads(self.txt_qkv(txt))
         tk = self.txt_k_norm(tk)
         k, v = torch.cat([k, tk], dim=2), torch.cat([v, tv], dim=2)
         if not self.context_pre_only:
-            q = torch.cat([q, self.txt_q_norm(tq)], dim=2)
-        out = attention(q, k, v, key_mask, backend=self.backend)   # [B, heads, N (+ L), head_dim]
+            q = torch.cat([q, self._norm_q(self.txt_q_norm, tq)], dim=2)
+        out = attention(q, k, v, key_mask, backend=self.backend,    # [B, heads, N (+ L), head_dim]
+                        scale=None if self.q_scale is None else 1.0)
         # Split the streams before the head merge: each merge is then the one copy its Linear reads, where
         # merging first and slicing [:, :n] / [:, n:] made strided views that matmul copied a second time.
         img_o, txt_o = out.split([n, out.shape[2] - n], dim=2)

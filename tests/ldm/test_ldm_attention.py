@@ -51,11 +51,12 @@ def test_module_cross_attention_ignores_padding_content():
     assert not torch.allclose(attn(x, ctx2)[1], a[1], atol=1e-3)
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.25])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_rms_norm_forward_and_gradients_equal_the_formula(dtype, tol):
-    """RMSNorm's hand-written backward against autograd through x * rsqrt(mean(x^2) + eps) * w in float64,
-    on q as the MMDiT hands it over: one slice of a permuted [B, N, 3, heads, d] projection (strided, with
-    gaps; an fp32 input must not be changed in place)."""
+def test_rms_norm_forward_and_gradients_equal_the_formula(dtype, tol, scale):
+    """RMSNorm's hand-written backward against autograd through x * rsqrt(mean(x^2) + eps) * w * scale in
+    float64, on q as the MMDiT hands it over: one slice of a permuted [B, N, 3, heads, d] projection
+    (strided, with gaps; an fp32 input must not be changed in place). scale: the attention's 1/sqrt(d)."""
     g = torch.Generator().manual_seed(0)
     norm = RMSNorm(16)
     with torch.no_grad():
@@ -64,11 +65,11 @@ def test_rms_norm_forward_and_gradients_equal_the_formula(dtype, tol):
     x = qkv.permute(2, 0, 3, 1, 4)[0].requires_grad_()        # [B, heads, N, d]
     before = x.detach().clone()
     grad = torch.randn(2, 3, 5, 16, generator=g).to(dtype)
-    y = norm(x)
+    y = norm(x, scale)
     gx, gw = torch.autograd.grad(y, (x, norm.weight), grad)
 
     x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
-    y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.eps) * w64
+    y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.eps) * w64 * scale
     rx, rw = torch.autograd.grad(y64, (x64, w64), grad.double())
     assert y.dtype == gx.dtype == dtype and gw.dtype == torch.float32
     assert torch.equal(x.detach(), before)
@@ -129,3 +130,24 @@ def test_packed_caption_equals_padded():
     with torch.no_grad():
         assert torch.allclose(attn(x, packed, mask), attn(x, ctx, mask), atol=1e-6)
     assert pack_tokens(ctx, torch.ones(3, 7, dtype=torch.bool)) is ctx     # nothing to drop: unchanged
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)],
+                         ids=["fp32-sdpa", "bf16-cpu-math"])
+def test_rms_qk_norm_module_equals_the_naive_formula(dtype, tol):
+    """With an RMS q-norm the module hands q over already scaled by 1/sqrt(d) (and tells `attention` so):
+    the result must still be softmax(norm(q) norm(k)^T / sqrt(d)) v, on both CPU paths."""
+    torch.manual_seed(0)
+    attn = Attention(64, 4, context_dim=24, qk_norm="rms").eval()
+    with torch.no_grad():
+        for norm in (attn.q_norm, attn.k_norm):
+            norm.weight.add_(0.3 * torch.randn(16))
+    x, ctx, mask = torch.randn(3, 5, 64), torch.randn(3, 7, 24), _mask()
+    with torch.no_grad():
+        split = lambda t: t.view(3, -1, 4, 16).transpose(1, 2)
+        q, k, v = attn.q_norm(split(attn.to_q(x))), attn.k_norm(split(attn.to_k(ctx))), split(attn.to_v(ctx))
+        ref = attn.to_out(naive_attention(q, k, v, mask).transpose(1, 2).reshape(3, 5, 64))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = attn(x, ctx, mask).float()
+    assert attn.q_scale == 0.25
+    assert (out - ref).abs().max() < tol * ref.abs().max(), (out - ref).abs().max()
