@@ -63,7 +63,6 @@ class _SplitQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, heads: int):
         b, n, width = qkv.shape
-        ctx.heads = heads
         return qkv.view(b, n, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
     @staticmethod
