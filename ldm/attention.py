@@ -169,26 +169,32 @@ class _RMSNormFunction(torch.autograd.Function):
 
 class RMSNorm(nn.Module):
     """RMS normalisation over the last dimension with a learned gain (QK-norm), computed in fp32 and
-    returned in the input's dtype."""
+    returned in the input's dtype; `scale`, a constant factor on the output (not a parameter, not saved)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, scale: float = 1.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.scale = eps, scale
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """`scale` multiplies the output (the attention's 1/sqrt(d) can ride on q's norm)."""
-        return _RMSNormFunction.apply(x, self.weight, self.eps, scale)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RMSNormFunction.apply(x, self.weight, self.eps, self.scale)
 
 
-def make_qk_norm(kind: str, head_dim: int) -> nn.Module:
+def make_qk_norm(kind: str, head_dim: int, query: bool = False) -> nn.Module:
+    """The q or k norm of one attention. An RMS q-norm also applies the scores' 1/sqrt(d) on its way (saves
+    a pass over q and one back); pass `scores_scale(q_norm)` to `attention` so it is not applied twice."""
     if kind == "rms":
-        return RMSNorm(head_dim)
+        return RMSNorm(head_dim, scale=head_dim ** -0.5 if query else 1.0)
     if kind == "layer":
         return nn.LayerNorm(head_dim, eps=1e-6)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"qk_norm {kind!r}: expected 'none', 'rms' or 'layer'")
+
+
+def scores_scale(q_norm: nn.Module) -> Optional[float]:
+    """`attention`'s scale after this q-norm: 1.0 where the norm already scaled q, else None (1/sqrt(d))."""
+    return 1.0 if isinstance(q_norm, RMSNorm) and q_norm.scale != 1.0 else None
 
 
 def cast_for_autocast(x: torch.Tensor) -> torch.Tensor:
@@ -273,12 +279,10 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(kv_dim, dim, bias=qkv_bias)
         self.to_v = nn.Linear(kv_dim, dim, bias=qkv_bias)
-        self.q_norm = make_qk_norm(qk_norm, self.head_dim)
+        self.q_norm = make_qk_norm(qk_norm, self.head_dim, query=True)
         self.k_norm = make_qk_norm(qk_norm, self.head_dim)
         self.to_out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
-        # An RMS q-norm applies the scores' 1/sqrt(d) on its way (saves a pass over q and one back)
-        self.q_scale = self.head_dim ** -0.5 if isinstance(self.q_norm, RMSNorm) else None
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -290,15 +294,14 @@ class Attention(nn.Module):
         key_mask [B, Lk] bool, True = attend."""
         if context is None:
             x = context = cast_for_autocast(x)
-        q = self._split(self.to_q(x))
-        q = self.q_norm(q) if self.q_scale is None else self.q_norm(q, self.q_scale)
+        q = self.q_norm(self._split(self.to_q(x)))
         if isinstance(context, PackedTokens):    # project the real tokens only (see PackedTokens)
             k = self.k_norm(self._split(context.unpack(self.to_k(context.rows))))
             v = self._split(context.unpack(self.to_v(context.rows)))
         else:
             k = self.k_norm(self._split(self.to_k(context)))
             v = self._split(self.to_v(context))
-        out = attention(q, k, v, key_mask, backend=self.backend, scale=None if self.q_scale is None else 1.0)
+        out = attention(q, k, v, key_mask, backend=self.backend, scale=scores_scale(self.q_norm))
         b, _, n, _ = out.shape
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
         return self.dropout(self.to_out(out))

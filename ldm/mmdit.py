@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import RMSNorm, attention, cast_for_autocast, make_qk_norm
+from .attention import attention, cast_for_autocast, make_qk_norm, scores_scale
 from .conditioning import substitute_learned_null
 from .dit import FREQ_DIM, FinalLayer, Mlp, modulate
 from .embeddings import TimestepMLP, sincos_pos_embed_2d, timestep_embedding, to_tokens
@@ -87,20 +87,15 @@ class JointAttention(nn.Module):
         self.context_pre_only = context_pre_only
         self.img_qkv = nn.Linear(dim, 3 * dim)
         self.txt_qkv = nn.Linear(dim, 3 * dim)
-        self.img_q_norm = make_qk_norm(qk_norm, self.head_dim)
+        self.img_q_norm = make_qk_norm(qk_norm, self.head_dim, query=True)
         self.img_k_norm = make_qk_norm(qk_norm, self.head_dim)
-        self.txt_q_norm = make_qk_norm(qk_norm, self.head_dim)
+        self.txt_q_norm = make_qk_norm(qk_norm, self.head_dim, query=True)
         self.txt_k_norm = make_qk_norm(qk_norm, self.head_dim)
         self.img_out = nn.Linear(dim, dim)
         self.txt_out = None if context_pre_only else nn.Linear(dim, dim)
-        # An RMS q-norm applies the scores' 1/sqrt(d) on its way (saves a pass over q and one back)
-        self.q_scale = self.head_dim ** -0.5 if isinstance(self.img_q_norm, RMSNorm) else None
 
     def _heads(self, qkv: torch.Tensor):
         return _SplitQKV.apply(qkv, self.heads)
-
-    def _norm_q(self, norm: nn.Module, q: torch.Tensor) -> torch.Tensor:
-        return norm(q) if self.q_scale is None else norm(q, self.q_scale)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
                 rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
@@ -108,16 +103,16 @@ class JointAttention(nn.Module):
         rope: (cos, sin) for the N image tokens. Returns (image output, text output or None)."""
         b, n, dim = img.shape
         q, k, v = self._heads(self.img_qkv(img))
-        q, k = self._norm_q(self.img_q_norm, q), self.img_k_norm(k)
+        q, k = self.img_q_norm(q), self.img_k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         tq, tk, tv = self._heads(self.txt_qkv(txt))
         tk = self.txt_k_norm(tk)
         k, v = torch.cat([k, tk], dim=2), torch.cat([v, tv], dim=2)
         if not self.context_pre_only:
-            q = torch.cat([q, self._norm_q(self.txt_q_norm, tq)], dim=2)
+            q = torch.cat([q, self.txt_q_norm(tq)], dim=2)
         out = attention(q, k, v, key_mask, backend=self.backend,    # [B, heads, N (+ L), head_dim]
-                        scale=None if self.q_scale is None else 1.0)
+                        scale=scores_scale(self.img_q_norm))
         # Split the streams before the head merge: each merge is then the one copy its Linear reads, where
         # merging first and slicing [:, :n] / [:, n:] made strided views that matmul copied a second time.
         img_o, txt_o = out.split([n, out.shape[2] - n], dim=2)

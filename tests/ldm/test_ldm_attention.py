@@ -58,14 +58,14 @@ def test_rms_norm_forward_and_gradients_equal_the_formula(dtype, tol, scale):
     float64, on q as the MMDiT hands it over: one slice of a permuted [B, N, 3, heads, d] projection
     (strided, with gaps; an fp32 input must not be changed in place). scale: the attention's 1/sqrt(d)."""
     g = torch.Generator().manual_seed(0)
-    norm = RMSNorm(16)
+    norm = RMSNorm(16, scale=scale)
     with torch.no_grad():
         norm.weight.add_(0.3 * torch.randn(16, generator=g))
     qkv = torch.randn(2, 5, 3, 3, 16, generator=g).to(dtype)
     x = qkv.permute(2, 0, 3, 1, 4)[0].requires_grad_()        # [B, heads, N, d]
     before = x.detach().clone()
     grad = torch.randn(2, 3, 5, 16, generator=g).to(dtype)
-    y = norm(x, scale)
+    y = norm(x)
     gx, gw = torch.autograd.grad(y, (x, norm.weight), grad)
 
     x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
@@ -145,9 +145,11 @@ def test_rms_qk_norm_module_equals_the_naive_formula(dtype, tol):
     x, ctx, mask = torch.randn(3, 5, 64), torch.randn(3, 7, 24), _mask()
     with torch.no_grad():
         split = lambda t: t.view(3, -1, 4, 16).transpose(1, 2)
-        q, k, v = attn.q_norm(split(attn.to_q(x))), attn.k_norm(split(attn.to_k(ctx))), split(attn.to_v(ctx))
+        rms = lambda t, norm: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+        q, k = rms(split(attn.to_q(x)), attn.q_norm), rms(split(attn.to_k(ctx)), attn.k_norm)
+        v = split(attn.to_v(ctx))
         ref = attn.to_out(naive_attention(q, k, v, mask).transpose(1, 2).reshape(3, 5, 64))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out = attn(x, ctx, mask).float()
-    assert attn.q_scale == 0.25
+    assert attn.q_norm.scale == 0.25
     assert (out - ref).abs().max() < tol * ref.abs().max(), (out - ref).abs().max()
